@@ -1,0 +1,62 @@
+# edgefl: `make demo` and `make test` do all their own set-up on a fresh clone.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
+PYTEST_ARGS ?=
+
+.PHONY: help demo test lint typecheck pytest venv sim-deps dev-deps mosquitto clean
+
+help:
+	@echo "make demo   - set up .venv with edgefl[sim] and run 'edgefl demo'"
+	@echo "make test   - set up .venv with edgefl[dev] (+ Mosquitto) and run ruff, mypy, pytest"
+	@echo "make clean  - remove .venv and caches"
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "edgefl needs Python >= 3.10, found " + sys.version.split()[0])'
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+venv: $(BIN)/python
+
+$(VENV)/.sim-installed: pyproject.toml | $(BIN)/python
+	$(PIP) install --quiet -e '.[sim]'
+	@touch $@
+
+$(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
+	$(PIP) install --quiet -e '.[dev]'
+	@touch $@ $(VENV)/.sim-installed
+
+sim-deps: $(VENV)/.sim-installed
+dev-deps: $(VENV)/.dev-installed
+
+# Mosquitto is a system package: install it when absent and we may (root).
+mosquitto:
+	@if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then \
+		true; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing mosquitto with apt-get"; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; \
+	else \
+		echo "warning: mosquitto not found and cannot be installed here (need root + apt-get);"; \
+		echo "         broker tests use the embedded broker only (a failure when CI=true)"; \
+	fi
+
+demo: sim-deps
+	$(BIN)/edgefl demo
+
+lint: dev-deps
+	$(BIN)/ruff check edge_sdk aggregator firmware_sim tests benchmarks examples
+	$(BIN)/ruff format --check edge_sdk aggregator firmware_sim tests benchmarks examples
+
+typecheck: dev-deps
+	$(BIN)/mypy
+
+pytest: dev-deps mosquitto
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info
