@@ -128,7 +128,9 @@ def write_json(path: str | Path, data: Any) -> None:
     tmp.replace(target)
 
 
-def main(argv: Sequence[str] | None = None, *, prog: str = "edgefl", only: str | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None, *, prog: str = "edgefl", only: str | None = None
+) -> int:
     """Run the CLI and return its exit code.
 
     Args:
