@@ -1,8 +1,10 @@
-"""``python -m aggregator``: the ``edgefl aggregator`` command group."""
+"""``python -m aggregator``: the aggregator-side commands of ``edgefl``."""
 
 import sys
 
 from edge_sdk.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:], prog="python -m aggregator", only="aggregator"))
+    sys.exit(
+        main(sys.argv[1:], prog="python -m aggregator", only=("aggregator", "keyholder", "status"))
+    )

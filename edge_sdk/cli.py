@@ -66,13 +66,15 @@ def available_commands() -> dict[str, str]:
     }
 
 
-def build_parser(prog: str = "edgefl", only: str | None = None) -> argparse.ArgumentParser:
+def build_parser(
+    prog: str = "edgefl", only: Sequence[str] | None = None
+) -> argparse.ArgumentParser:
     """Build the argument parser.
 
     Args:
         prog: program name shown in usage lines.
-        only: build just this command group at the top level (for
-            ``python -m aggregator`` and friends).
+        only: offer just these command groups (for ``python -m aggregator``
+            and friends); all groups when None.
 
     Returns:
         The configured parser; each leaf sets ``func`` to its handler.
@@ -85,18 +87,15 @@ def build_parser(prog: str = "edgefl", only: str | None = None) -> argparse.Argu
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="more log output (repeatable)"
     )
-    if only is not None:
-        module = _load(COMMANDS[only][0])
-        if module is None:
-            raise ConfigError(f"command group {only!r} is not available in this installation")
-        module.register(parser)
-        return parser
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
+        if only is not None and name not in only:
+            continue
         module = _load(module_name)
         if module is None:
             continue
         child = sub.add_parser(name, help=help_text, description=help_text)
+        child.set_defaults(help_parser=child)
         module.register(child)
     return parser
 
@@ -129,23 +128,22 @@ def write_json(path: str | Path, data: Any) -> None:
 
 
 def main(
-    argv: Sequence[str] | None = None, *, prog: str = "edgefl", only: str | None = None
+    argv: Sequence[str] | None = None,
+    *,
+    prog: str = "edgefl",
+    only: Sequence[str] | None = None,
 ) -> int:
     """Run the CLI and return its exit code.
 
     Args:
         argv: arguments without the program name; defaults to ``sys.argv[1:]``.
         prog: program name for usage lines.
-        only: restrict to one command group (see :func:`build_parser`).
+        only: restrict to these command groups (see :func:`build_parser`).
 
     Returns:
         The process exit code.
     """
-    try:
-        parser = build_parser(prog, only)
-    except EdgeFLError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    parser = build_parser(prog, only)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
@@ -156,8 +154,8 @@ def main(
     )
     func: Handler | None = getattr(args, "func", None)
     if func is None:
-        parser.print_help()
-        return EXIT_USAGE if only is None and getattr(args, "command", None) is None else EXIT_OK
+        getattr(args, "help_parser", parser).print_help(sys.stderr)
+        return EXIT_USAGE
     try:
         return func(args)
     except ConfigError as exc:

@@ -1,0 +1,104 @@
+"""The edgefl command line: help, version, exit codes, entry points."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge_sdk import __version__
+from edge_sdk.cli import main
+from firmware_sim.broker import mqtt_ping
+
+BIN = Path(sys.executable).parent
+
+
+def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def test_version_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"edgefl {__version__}"
+
+
+def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("demo", "bench", "broker"):
+        assert command in out
+
+
+def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["frobnicate"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_group_without_subcommand_prints_its_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["broker"]) == 2
+    assert "run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["demo", "bench", "broker", "broker run"])
+def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*command.split(), "--help"]) == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+def test_console_script_and_module_entry_points() -> None:
+    script = BIN / "edgefl"
+    assert script.exists(), "pip install -e . must install the edgefl script"
+    result = subprocess.run([str(script), "--version"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0 and __version__ in result.stdout
+    for module, group in (("firmware_sim", "broker"), ("aggregator", None)):
+        result = run("-m", module, "--help")
+        assert result.returncode == 0, result.stderr
+        assert f"python -m {module}" in result.stdout
+        if group:
+            assert group in result.stdout
+
+
+def test_demo_placeholder_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert "commands" in data and "broker" in data["commands"]
+
+
+def test_bench_unknown_name_is_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "no_such_bench"]) == 2
+    assert "unknown benchmark" in capsys.readouterr().err
+
+
+@pytest.mark.broker
+def test_broker_run_serves_until_sigterm() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge_sdk.cli", "broker", "run", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stdout is not None
+        info = json.loads(proc.stdout.readline())
+        host_port = info["url"].removeprefix("mqtt://").split(":")
+        assert mqtt_ping(host_port[0], int(host_port[1]))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        assert not mqtt_ping(host_port[0], int(host_port[1]), timeout=0.5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
