@@ -1,0 +1,81 @@
+"""Packed Paillier for federated sums: keys, packing codec, obfuscator pool, fast sums.
+
+Who uses what:
+
+* devices: :class:`PaillierPublicKey`, :class:`PackingSpec`, :func:`quantize`,
+  :func:`clamp`, :func:`pack`, :func:`encrypt` with an :class:`ObfuscatorPool`;
+* the aggregator (blind, public key only): :meth:`CiphertextVector.from_bytes`
+  (validates untrusted blobs), :class:`CiphertextAccumulator`,
+  :func:`sum_ciphertexts`;
+* the key holder: :class:`PaillierPrivateKey`, :func:`decrypt`,
+  :func:`unpack_sum`, :func:`dequantize`.
+
+Raw, dangerous parts (explicit obfuscators, unobfuscated encodings, unchecked
+packing) live in :mod:`edge_sdk.crypto._raw`.
+"""
+
+from edge_sdk.crypto.ciphertext import (
+    CiphertextAccumulator,
+    CiphertextVector,
+    decrypt,
+    encrypt,
+    sum_ciphertexts,
+)
+from edge_sdk.crypto.keyfile import (
+    PASSPHRASE_ENV,
+    PUBLIC_KEY_FILE,
+    SECRET_KEY_FILE,
+    load_private_key,
+    load_public_key,
+    read_passphrase,
+    save_private_key,
+    save_public_key,
+    secret_key_protection,
+)
+from edge_sdk.crypto.keys import (
+    PaillierPrivateKey,
+    PaillierPublicKey,
+    generate_keypair,
+    public_key_from_bytes,
+    public_key_to_bytes,
+)
+from edge_sdk.crypto.packing import (
+    PackingSpec,
+    clamp,
+    dequantize,
+    pack,
+    quantize,
+    unpack_sum,
+)
+from edge_sdk.crypto.pool import BackgroundFill, ObfuscatorPool, PoolCorruptedError
+
+__all__ = [
+    "PASSPHRASE_ENV",
+    "PUBLIC_KEY_FILE",
+    "SECRET_KEY_FILE",
+    "BackgroundFill",
+    "CiphertextAccumulator",
+    "CiphertextVector",
+    "ObfuscatorPool",
+    "PackingSpec",
+    "PaillierPrivateKey",
+    "PaillierPublicKey",
+    "PoolCorruptedError",
+    "clamp",
+    "decrypt",
+    "dequantize",
+    "encrypt",
+    "generate_keypair",
+    "load_private_key",
+    "load_public_key",
+    "pack",
+    "public_key_from_bytes",
+    "public_key_to_bytes",
+    "quantize",
+    "read_passphrase",
+    "save_private_key",
+    "save_public_key",
+    "secret_key_protection",
+    "sum_ciphertexts",
+    "unpack_sum",
+]
