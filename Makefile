@@ -23,8 +23,22 @@ $(VENV)/.sim-installed: pyproject.toml | $(BIN)/python
 	$(PIP) install --quiet -e '.[sim]'
 	@touch $@
 
+# PyTorch is a test-only tool (gradient parity). It is installed only from a
+# local CPU wheel (pip's find-links, as on the project's machines) or when
+# TORCH=1; PyPI's default torch is a multi-GB CUDA build. Without it the
+# parity tests skip.
+TORCH ?= auto
+TORCH_VERSION ?= 2.13.0
+
 $(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
 	$(PIP) install --quiet -e '.[dev]'
+	@if [ "$(TORCH)" = 1 ] || { [ "$(TORCH)" = auto ] && \
+		ls $${PIP_FIND_LINKS:-/nonexistent}/torch-$(TORCH_VERSION)* >/dev/null 2>&1; }; then \
+		echo "installing torch==$(TORCH_VERSION) (test-only)"; \
+		$(PIP) install --quiet torch==$(TORCH_VERSION) || echo "warning: torch not installed; parity tests will skip"; \
+	else \
+		echo "torch: no local CPU wheel found (TORCH=1 forces PyPI); parity tests will skip"; \
+	fi
 	@touch $@ $(VENV)/.sim-installed
 
 sim-deps: $(VENV)/.sim-installed
