@@ -1,0 +1,98 @@
+"""Noise calibration: the smallest grid ``sigma^2`` that meets a policy's target.
+
+The search runs on the same accountant the device's ledger uses
+(:func:`edge_sdk.privacy.accounting.epsilon_spent`), and the returned spec is
+checked against the target after rounding ``sigma^2`` up to the sampler's
+grid, so a calibrated spec never overshoots the policy's epsilon.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+from edge_sdk.errors import PrivacyError
+from edge_sdk.privacy._sampler import MAX_SIGMA2, SIGMA2_MAX_DEN, sigma2_on_grid
+from edge_sdk.privacy._spec import DPPolicy, NoiseSpec, rounded_norm_bound_sq
+from edge_sdk.privacy.accounting import epsilon_spent
+
+__all__ = ["CalibrationError", "calibrate"]
+
+# KLS 2021's bound for sums of discrete Gaussians is stated for sigma >= 1/2.
+_MIN_DISTRIBUTED_SIGMA2 = Fraction(1, 4)
+
+
+class CalibrationError(PrivacyError):
+    """No supported noise level meets the target (the message says why)."""
+
+    reason = "calibration"
+
+
+def _spec(policy: DPPolicy, sigma2: Fraction, bound_sq: int, scale: float, dim: int) -> NoiseSpec:
+    return NoiseSpec(
+        mode=policy.mode,
+        sigma2_num=sigma2.numerator,
+        sigma2_den=sigma2.denominator,
+        norm_bound_sq=bound_sq,
+        dimension=dim,
+        min_clients=policy.min_clients,
+        scale=float(scale),
+        clip=float(policy.clip),
+        delta=float(policy.delta),
+        rounds=policy.rounds,
+        epsilon_target=float(policy.epsilon),
+    )
+
+
+def calibrate(policy: DPPolicy, *, scale: float, dimension: int) -> NoiseSpec:
+    """Return the noise each device adds so that ``policy`` holds over its rounds.
+
+    ``rounds`` participations at the returned spec give an epsilon (by the
+    device's own accountant) at most ``policy.epsilon``. In distributed mode
+    the per-device ``sigma^2`` is at least 1/4 (where the KLS 2021 bound is
+    stated) and the guarantee is for sums of at least ``min_clients``
+    contributions: sums of more contributions carry more noise and are
+    covered by post-processing.
+
+    Args:
+        policy: the validated privacy policy.
+        scale: quantization units per 1.0 (shared with the crypto codec).
+        dimension: the number of model coordinates.
+
+    Returns:
+        The :class:`NoiseSpec` to announce.
+
+    Raises:
+        CalibrationError: even the largest supported noise misses the target.
+        ValueError: bad ``scale`` or ``dimension``.
+    """
+    bound_sq = rounded_norm_bound_sq(policy.clip, scale, dimension, policy.rounding_beta)
+
+    def eps(sigma2: Fraction) -> float:
+        return epsilon_spent(_spec(policy, sigma2, bound_sq, scale, dimension), policy.rounds)
+
+    lo = _MIN_DISTRIBUTED_SIGMA2 if policy.mode == "distributed" else Fraction(1, SIGMA2_MAX_DEN)
+    hi = Fraction(MAX_SIGMA2)
+    if eps(hi) > policy.epsilon:
+        raise CalibrationError(
+            f"epsilon {policy.epsilon} over {policy.rounds} rounds is out of reach: even "
+            f"sigma^2 = 2**46 gives {eps(hi):.4g}; lower scale or clip, or raise epsilon"
+        )
+    if eps(lo) <= policy.epsilon:
+        return _spec(policy, lo, bound_sq, scale, dimension)
+    # Bisection on log sigma^2; `hi` always meets the target.
+    log_lo, log_hi = math.log(lo), math.log(hi)
+    for _ in range(100):
+        mid = 0.5 * (log_lo + log_hi)
+        candidate = sigma2_on_grid(math.exp(mid))
+        if eps(candidate) <= policy.epsilon:
+            log_hi = math.log(candidate)
+            hi = candidate
+        else:
+            log_lo = mid
+        if log_hi - log_lo < 1e-7:
+            break
+    spec = _spec(policy, hi, bound_sq, scale, dimension)
+    if epsilon_spent(spec, policy.rounds) > policy.epsilon:  # pragma: no cover - invariant
+        raise CalibrationError("internal error: calibrated noise overshoots the target")
+    return spec
