@@ -199,6 +199,9 @@ def test_non_unit_ciphertexts_are_rejected(index: int, k: int, factor: str) -> N
 def test_constructor_validates_too() -> None:
     with pytest.raises(InvalidCiphertextError):
         CiphertextVector(PK, [1, 0])
+    with pytest.raises(TypeError):
+        CiphertextVector(PK, [1.5])
+    assert list(CiphertextVector(PK, [1, 2])) == [1, 2]
 
 
 # -- sums -----------------------------------------------------------------------------

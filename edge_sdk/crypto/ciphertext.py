@@ -60,7 +60,11 @@ class CiphertextVector:
         Raises:
             InvalidCiphertextError: an element is out of range or not a unit mod n.
         """
-        vals = tuple(gmpy2.mpz(v) for v in values)
+        vals = tuple(values)
+        for index, v in enumerate(vals):
+            if isinstance(v, bool) or not isinstance(v, int | type(gmpy2.mpz(0))):
+                raise TypeError(f"ciphertext {index} must be an int, got {type(v).__name__}")
+        vals = tuple(gmpy2.mpz(v) for v in vals)
         _validate(public_key, vals)
         self._public_key = public_key
         self._values = vals
