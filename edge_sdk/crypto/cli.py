@@ -112,6 +112,7 @@ def _cmd_precompute(args: argparse.Namespace) -> int:
     import time
 
     from edge_sdk.cli import emit
+    from edge_sdk.crypto._parallel import default_workers
     from edge_sdk.crypto.keyfile import load_public_key
     from edge_sdk.crypto.pool import ObfuscatorPool
 
@@ -121,7 +122,8 @@ def _cmd_precompute(args: argparse.Namespace) -> int:
     pool = ObfuscatorPool(args.pool, key)
     before = pool.size()
     started = time.perf_counter()
-    after = pool.fill(args.count, workers=args.workers)
+    workers = args.workers if args.workers is not None else default_workers()
+    after = pool.fill(args.count, workers=workers)
     elapsed = time.perf_counter() - started
     data = {
         "fingerprint": key.fingerprint,
@@ -172,7 +174,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     pre.add_argument("--public", metavar="FILE", help="public key file")
     pre.add_argument("--pool", required=True, metavar="DIR", help="pool root directory")
     pre.add_argument("--count", type=int, required=True, help="obfuscators to add")
-    pre.add_argument("--workers", type=int, default=None, help="worker processes")
+    pre.add_argument(
+        "--workers", type=int, default=None, help="worker processes (default: all cores)"
+    )
     pre.add_argument("--min-bits", type=int, default=2048, help=argparse.SUPPRESS)
     pre.add_argument("--json", action="store_true", help="print the result as JSON")
     pre.set_defaults(func=_cmd_precompute)
