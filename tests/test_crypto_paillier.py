@@ -245,3 +245,10 @@ def test_parallel_sum_equals_serial_sum() -> None:
     parallel = sum_ciphertexts(PK, vectors, workers=2)
     assert parallel == serial
     assert unpack_sum(decrypt(SK, parallel), spec, count=9, length=30).tolist() == [36] * 30
+
+
+def test_mpz_decoder_fallback_agrees_with_native() -> None:
+    from edge_sdk.crypto import _gmp
+
+    blob = BLOB[: PK.ciphertext_bytes]
+    assert _gmp._fallback(blob, "big") == _gmp.mpz_from_bytes(blob, "big") == VEC.values[0]

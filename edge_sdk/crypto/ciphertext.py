@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import gmpy2
 
 from edge_sdk.crypto import _raw
+from edge_sdk.crypto._gmp import mpz_from_bytes
 from edge_sdk.crypto._parallel import default_workers, process_executor
 from edge_sdk.crypto.keys import PaillierPrivateKey, PaillierPublicKey
 from edge_sdk.errors import CryptoError, InvalidCiphertextError
@@ -140,7 +141,7 @@ class CiphertextVector:
                 f"ciphertext blob is {len(blob)} bytes, expected {count} x {width}",
                 reason="length",
             )
-        frm = gmpy2.mpz.from_bytes
+        frm = mpz_from_bytes
         values = tuple(frm(blob[i : i + width], "big") for i in range(0, len(blob), width))
         _validate(public_key, values)
         return cls._trusted(public_key, values, blob)
@@ -229,7 +230,7 @@ def _sum_blobs(args: tuple[int, int, int, list[bytes]]) -> bytes:
     """Worker: multiply a partition of serialised vectors, return the product blob."""
     nsq_int, width, length, blobs = args
     nsq = gmpy2.mpz(nsq_int)
-    frm = gmpy2.mpz.from_bytes
+    frm = mpz_from_bytes
     acc = [frm(blobs[0][i * width : (i + 1) * width], "big") for i in range(length)]
     for blob in blobs[1:]:
         acc = [a * frm(blob[i * width : (i + 1) * width], "big") % nsq for i, a in enumerate(acc)]
@@ -281,7 +282,7 @@ def sum_ciphertexts(
     else:
         with process_executor(len(jobs)) as own:
             partials = list(own.map(_sum_blobs, jobs))
-    frm = gmpy2.mpz.from_bytes
+    frm = mpz_from_bytes
     parts = [
         tuple(frm(p[i * width : (i + 1) * width], "big") for i in range(length)) for p in partials
     ]

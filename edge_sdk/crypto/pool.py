@@ -42,9 +42,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import gmpy2
-
 from edge_sdk.crypto import _raw
+from edge_sdk.crypto._gmp import mpz_from_bytes
 from edge_sdk.crypto.keys import PaillierPublicKey
 from edge_sdk.errors import CryptoError
 from edge_sdk.randomness import RandomSource, default_random
@@ -220,7 +219,7 @@ class ObfuscatorPool:
             os.close(fd)
         if available == take:
             path.unlink(missing_ok=True)
-        frm = gmpy2.mpz.from_bytes
+        frm = mpz_from_bytes
         for i in range(take - 1, -1, -1):
             value = frm(raw[i * width : (i + 1) * width], "big")
             if value == 0:
