@@ -207,7 +207,10 @@ def _type_table(graph: onnx.GraphProto) -> dict[str, tuple[int, Dims | None]]:
         dims: Dims | None = None
         if tt.HasField("shape"):
             dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
-        table[vi.name] = (tt.elem_type, dims)
+        known = table.get(vi.name)
+        if known is not None and dims is None:
+            continue  # keep the inferred shape over a declared-without-shape output
+        table[vi.name] = (tt.elem_type or (known[0] if known else 0), dims)
     for init in graph.initializer:
         table[init.name] = (init.data_type, [int(d) for d in init.dims])
     return table
