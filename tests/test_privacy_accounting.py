@@ -83,8 +83,16 @@ def _vectors() -> dict[str, Any]:
     return data
 
 
-def _dg_spec(sigma2_num: int, bound_sq: int, *, mode: str = "local", n: int = 1, d: int = 1,
-             den: int = 1, delta: float = 1e-5) -> NoiseSpec:
+def _dg_spec(
+    sigma2_num: int,
+    bound_sq: int,
+    *,
+    mode: str = "local",
+    n: int = 1,
+    d: int = 1,
+    den: int = 1,
+    delta: float = 1e-5,
+) -> NoiseSpec:
     return NoiseSpec(
         mode=mode,  # type: ignore[arg-type]
         sigma2_num=sigma2_num,

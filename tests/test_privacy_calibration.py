@@ -45,10 +45,17 @@ def test_calibrated_noise_never_overshoots_the_target(case: tuple[DPPolicy, floa
     except CalibrationError:
         # legitimate only if even the largest supported sigma^2 misses the target
         top = NoiseSpec(
-            mode=policy.mode, sigma2_num=MAX_SIGMA2, sigma2_den=1,
-            norm_bound_sq=rounded_norm_bound_sq(policy.clip, scale, dim), dimension=dim,
-            min_clients=policy.min_clients, scale=scale, clip=policy.clip, delta=policy.delta,
-            rounds=policy.rounds, epsilon_target=policy.epsilon,
+            mode=policy.mode,
+            sigma2_num=MAX_SIGMA2,
+            sigma2_den=1,
+            norm_bound_sq=rounded_norm_bound_sq(policy.clip, scale, dim),
+            dimension=dim,
+            min_clients=policy.min_clients,
+            scale=scale,
+            clip=policy.clip,
+            delta=policy.delta,
+            rounds=policy.rounds,
+            epsilon_target=policy.epsilon,
         )
         assert epsilon_spent(top, policy.rounds) > policy.epsilon
         return
@@ -116,8 +123,7 @@ def test_policy_validates(kwargs: dict[str, object]) -> None:
 
 
 def _spec() -> NoiseSpec:
-    pol = DPPolicy(mode="distributed", epsilon=1.0, delta=1e-5, rounds=10, clip=1.0,
-                   min_clients=10)
+    pol = DPPolicy(mode="distributed", epsilon=1.0, delta=1e-5, rounds=10, clip=1.0, min_clients=10)
     return calibrate(pol, scale=128.0, dimension=500)
 
 

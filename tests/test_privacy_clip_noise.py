@@ -80,8 +80,7 @@ def test_clipping_rejects_bad_clip(clip: float) -> None:
 
 
 def _spec(d: int = 200, scale: float = 100.0):
-    pol = DPPolicy(mode="distributed", epsilon=2.0, delta=1e-5, rounds=10, clip=1.0,
-                   min_clients=20)
+    pol = DPPolicy(mode="distributed", epsilon=2.0, delta=1e-5, rounds=10, clip=1.0, min_clients=20)
     return calibrate(pol, scale=scale, dimension=d)
 
 
