@@ -1,0 +1,53 @@
+"""Crash-safe file helpers: atomic replace with fsync of file and directory."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+__all__ = ["atomic_write", "check_private", "fsync_dir"]
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory entry to disk, so that a rename inside it is durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, data: bytes, *, mode: int = 0o600) -> None:
+    """Write ``data`` to ``path`` atomically and durably.
+
+    The bytes go to a temporary file in the same directory (created with
+    ``mode``), which is fsynced, renamed over ``path``, and the directory is
+    fsynced: after a crash at any point ``path`` holds either the old or the
+    new content, never a mix.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.chmod(tmp, mode)
+    os.replace(tmp, target)
+    fsync_dir(target.parent)
+
+
+def check_private(path: Path) -> None:
+    """Raise PermissionError when ``path`` is readable by group or others."""
+    st = path.stat()
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise PermissionError(
+            f"{path} is accessible by group/others (mode {stat.S_IMODE(st.st_mode):o}); "
+            f"run: chmod 600 {path}"
+        )

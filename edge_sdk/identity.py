@@ -1,0 +1,270 @@
+"""Device identity (Ed25519) and the aggregator's device registry.
+
+Each device holds an Ed25519 private key; the aggregator (and the key
+holder) hold a registry of enrolled devices' public keys. Every update is
+signed over its canonical header bytes (federation, round, device id, key
+fingerprint, packing and privacy digests, ciphertext digest, ...), so a
+forged, tampered or replayed update is refused before it reaches any sum.
+
+Device keys are stored unencrypted with mode 0600 (a device must restart
+unattended); loading refuses a key file readable by group or others.
+Revoking a device in the registry makes every later update from it fail
+verification.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+from edge_sdk._fs import atomic_write, check_private
+from edge_sdk.errors import ConfigError, InvalidSignatureError, KeyFileError
+
+__all__ = ["DeviceIdentity", "DeviceRecord", "DeviceRegistry", "verify_signature"]
+
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _check_id(device_id: str) -> str:
+    if not isinstance(device_id, str) or not _ID.fullmatch(device_id):
+        raise ValueError(f"device id must match [A-Za-z0-9_-]{{1,64}}, got {device_id!r}")
+    return device_id
+
+
+class DeviceIdentity:
+    """A device id with its Ed25519 signing key."""
+
+    __slots__ = ("_key", "device_id")
+
+    def __init__(self, device_id: str, key: Ed25519PrivateKey) -> None:
+        self.device_id = _check_id(device_id)
+        self._key = key
+
+    @classmethod
+    def generate(cls, device_id: str) -> DeviceIdentity:
+        """Create a new identity with a fresh key from the OS CSPRNG."""
+        return cls(device_id, Ed25519PrivateKey.generate())
+
+    @property
+    def public_key_bytes(self) -> bytes:
+        """The raw 32-byte public key."""
+        return self._key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+
+    def sign(self, data: bytes) -> bytes:
+        """Sign ``data`` (64-byte Ed25519 signature)."""
+        return self._key.sign(data)
+
+    def save(self, path: str | Path) -> None:
+        """Write the key as a 0600 file (JSON: device id and raw private key hex)."""
+        raw = self._key.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
+        doc = {"format": "edgefl-device-key/1", "device_id": self.device_id, "ed25519": raw.hex()}
+        atomic_write(path, (json.dumps(doc, indent=2) + "\n").encode(), mode=0o600)
+
+    @classmethod
+    def load(cls, path: str | Path) -> DeviceIdentity:
+        """Load a key file written by :meth:`save`.
+
+        Raises:
+            KeyFileError: missing, unsafe permissions, or malformed.
+        """
+        p = Path(path)
+        try:
+            check_private(p)
+            doc = json.loads(p.read_text(encoding="utf-8"))
+            if doc.get("format") != "edgefl-device-key/1":
+                raise ValueError(f"unknown format {doc.get('format')!r}")
+            key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(doc["ed25519"]))
+            return cls(doc["device_id"], key)
+        except FileNotFoundError:
+            raise KeyFileError(f"device key {p} does not exist") from None
+        except PermissionError as exc:
+            raise KeyFileError(str(exc)) from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise KeyFileError(f"device key {p} is malformed: {exc}") from None
+
+
+def verify_signature(public_key: bytes, data: bytes, signature: bytes) -> None:
+    """Verify an Ed25519 signature.
+
+    Raises:
+        InvalidSignatureError: the signature does not verify (or the key or
+            signature is malformed).
+    """
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, data)
+    except (InvalidSignature, ValueError):
+        raise InvalidSignatureError("signature does not verify") from None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeviceRecord:
+    """One enrolled device."""
+
+    device_id: str
+    public_key: bytes
+    enrolled_ms: int
+    revoked_ms: int | None = None
+
+    @property
+    def active(self) -> bool:
+        """True unless revoked."""
+        return self.revoked_ms is None
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "public_key": self.public_key.hex(),
+            "enrolled_ms": self.enrolled_ms,
+            "revoked_ms": self.revoked_ms,
+        }
+
+
+class DeviceRegistry:
+    """The enrolled devices of a federation, persisted as a JSON file.
+
+    Args:
+        path: registry file (created on first save).
+        federation: federation name recorded in the file.
+    """
+
+    FORMAT = "edgefl-registry/1"
+
+    def __init__(self, path: str | Path, federation: str = "default") -> None:
+        self.path = Path(path)
+        self.federation = federation
+        self._devices: dict[str, DeviceRecord] = {}
+
+    @classmethod
+    def load(cls, path: str | Path, *, create: bool = False) -> DeviceRegistry:
+        """Load a registry file.
+
+        Args:
+            path: the file.
+            create: return an empty registry when the file does not exist.
+
+        Raises:
+            ConfigError: the file is missing (and not ``create``) or malformed.
+        """
+        p = Path(path)
+        if not p.exists():
+            if create:
+                return cls(p)
+            raise ConfigError(f"device registry {p} does not exist")
+        try:
+            doc = json.loads(p.read_text(encoding="utf-8"))
+            if doc.get("format") != cls.FORMAT:
+                raise ValueError(f"unknown format {doc.get('format')!r}")
+            registry = cls(p, doc["federation"])
+            for device_id, rec in doc["devices"].items():
+                key = bytes.fromhex(rec["public_key"])
+                if len(key) != 32:
+                    raise ValueError(f"{device_id}: public key must be 32 bytes")
+                registry._devices[_check_id(device_id)] = DeviceRecord(
+                    device_id=device_id,
+                    public_key=key,
+                    enrolled_ms=int(rec["enrolled_ms"]),
+                    revoked_ms=None if rec.get("revoked_ms") is None else int(rec["revoked_ms"]),
+                )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ConfigError(f"device registry {p} is malformed: {exc}") from None
+        return registry
+
+    def save(self) -> None:
+        """Write the registry atomically (0644: it holds only public keys)."""
+        doc = {
+            "format": self.FORMAT,
+            "federation": self.federation,
+            "devices": {d: r.to_json() for d, r in sorted(self._devices.items())},
+        }
+        atomic_write(self.path, (json.dumps(doc, indent=2) + "\n").encode(), mode=0o644)
+
+    def enroll(self, device_id: str, public_key: bytes, *, now_ms: int | None = None) -> None:
+        """Add a device (or re-enroll a revoked one with a NEW key).
+
+        Raises:
+            ValueError: the id is taken by an active device, or a revoked
+                device tries to come back with its old key.
+        """
+        _check_id(device_id)
+        if len(public_key) != 32:
+            raise ValueError(f"public key must be 32 bytes, got {len(public_key)}")
+        Ed25519PublicKey.from_public_bytes(public_key)
+        existing = self._devices.get(device_id)
+        if existing is not None and existing.active:
+            raise ValueError(f"device {device_id!r} is already enrolled")
+        if existing is not None and existing.public_key == public_key:
+            raise ValueError(f"device {device_id!r} was revoked; enroll it with a new key")
+        when = int(time.time() * 1000) if now_ms is None else now_ms
+        self._devices[device_id] = DeviceRecord(
+            device_id=device_id, public_key=public_key, enrolled_ms=when
+        )
+
+    def revoke(self, device_id: str, *, now_ms: int | None = None) -> None:
+        """Revoke a device: its signatures stop verifying.
+
+        Raises:
+            KeyError: unknown device.
+        """
+        rec = self._devices[device_id]
+        if rec.active:
+            when = int(time.time() * 1000) if now_ms is None else now_ms
+            self._devices[device_id] = DeviceRecord(
+                device_id=device_id,
+                public_key=rec.public_key,
+                enrolled_ms=rec.enrolled_ms,
+                revoked_ms=when,
+            )
+
+    def get(self, device_id: str) -> DeviceRecord | None:
+        """The record of a device, or None."""
+        return self._devices.get(device_id)
+
+    def is_active(self, device_id: str) -> bool:
+        """True for an enrolled, non-revoked device."""
+        rec = self._devices.get(device_id)
+        return rec is not None and rec.active
+
+    def active_ids(self) -> list[str]:
+        """Ids of enrolled, non-revoked devices, sorted."""
+        return sorted(d for d, r in self._devices.items() if r.active)
+
+    def records(self) -> list[DeviceRecord]:
+        """All records, sorted by id."""
+        return [self._devices[d] for d in sorted(self._devices)]
+
+    def verify(self, device_id: str, data: bytes, signature: bytes) -> None:
+        """Verify a device's signature.
+
+        Raises:
+            InvalidSignatureError: unknown or revoked device, or a bad
+                signature (one opaque error: the reason is for local logs).
+        """
+        rec = self._devices.get(device_id)
+        if rec is None:
+            raise InvalidSignatureError(f"unknown device {device_id!r}", reason="unknown_device")
+        if not rec.active:
+            raise InvalidSignatureError(f"device {device_id!r} is revoked", reason="revoked")
+        verify_signature(rec.public_key, data, signature)
+
+    def __len__(self) -> int:
+        return len(self._devices)
+
+    def __contains__(self, device_id: object) -> bool:
+        return device_id in self._devices

@@ -1,0 +1,118 @@
+"""MQTT topics of a federation: ``edgefl/v1/{federation}/...``.
+
+| topic | direction | retained | payload |
+|---|---|---|---|
+| ``round`` | aggregator -> devices | yes | RoundAnnouncement |
+| ``model/{i}`` | aggregator -> devices | yes | Chunk i of the GlobalModel |
+| ``updates/{device}`` | device -> aggregator | no | Chunks of an EncryptedUpdate |
+| ``ack/{device}`` | aggregator -> device | no | Receipt |
+| ``status/{device}`` | device -> aggregator | yes | DeviceStatus (last will: offline) |
+| ``keyholder/request`` | aggregator -> key holder | no | KeyholderRequest (chunked if large) |
+| ``keyholder/result`` | key holder -> aggregator | no | KeyholderResult |
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = ["PREFIX", "ParsedTopic", "Topics", "parse_topic"]
+
+PREFIX = "edgefl/v1"
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _check_name(what: str, value: str) -> str:
+    if not _NAME.fullmatch(value):
+        raise ValueError(f"{what} must match [A-Za-z0-9_-]{{1,64}}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """Topic names of one federation."""
+
+    federation: str
+
+    def __post_init__(self) -> None:
+        _check_name("federation", self.federation)
+
+    @property
+    def base(self) -> str:
+        """``edgefl/v1/{federation}``."""
+        return f"{PREFIX}/{self.federation}"
+
+    @property
+    def round(self) -> str:
+        """Retained round announcement."""
+        return f"{self.base}/round"
+
+    def model(self, index: int) -> str:
+        """Retained chunk ``index`` of the current global model."""
+        if index < 0:
+            raise ValueError(f"model chunk index must be >= 0, got {index}")
+        return f"{self.base}/model/{index}"
+
+    @property
+    def model_filter(self) -> str:
+        """Subscription filter for every model chunk."""
+        return f"{self.base}/model/+"
+
+    def updates(self, device_id: str) -> str:
+        """A device's update topic."""
+        return f"{self.base}/updates/{_check_name('device_id', device_id)}"
+
+    @property
+    def updates_filter(self) -> str:
+        """Subscription filter for every device's updates."""
+        return f"{self.base}/updates/+"
+
+    def ack(self, device_id: str) -> str:
+        """A device's receipt topic."""
+        return f"{self.base}/ack/{_check_name('device_id', device_id)}"
+
+    def status(self, device_id: str) -> str:
+        """A device's status topic."""
+        return f"{self.base}/status/{_check_name('device_id', device_id)}"
+
+    @property
+    def status_filter(self) -> str:
+        """Subscription filter for every device's status."""
+        return f"{self.base}/status/+"
+
+    @property
+    def keyholder_request(self) -> str:
+        """Aggregator to key holder."""
+        return f"{self.base}/keyholder/request"
+
+    @property
+    def keyholder_result(self) -> str:
+        """Key holder to aggregator."""
+        return f"{self.base}/keyholder/result"
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedTopic:
+    """A topic taken apart: its federation, kind and (for per-device topics) device id."""
+
+    federation: str
+    kind: str
+    device_id: str | None = None
+    index: int | None = None
+
+
+def parse_topic(topic: str) -> ParsedTopic | None:
+    """Parse an edgefl topic; None when it is not one."""
+    parts = topic.split("/")
+    if len(parts) < 4 or "/".join(parts[:2]) != PREFIX or not _NAME.fullmatch(parts[2]):
+        return None
+    federation, rest = parts[2], parts[3:]
+    if rest == ["round"]:
+        return ParsedTopic(federation, "round")
+    if len(rest) == 2 and rest[0] == "model" and rest[1].isdigit() and len(rest[1]) <= 6:
+        return ParsedTopic(federation, "model", index=int(rest[1]))
+    if len(rest) == 2 and rest[0] in ("updates", "ack", "status") and _NAME.fullmatch(rest[1]):
+        return ParsedTopic(federation, rest[0], device_id=rest[1])
+    if len(rest) == 2 and rest[0] == "keyholder" and rest[1] in ("request", "result"):
+        return ParsedTopic(federation, f"keyholder/{rest[1]}")
+    return None
