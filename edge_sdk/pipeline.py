@@ -1,0 +1,299 @@
+"""The device's one-call recipe: model delta -> private, encrypted, signed update.
+
+    delta -> L2 clip (C) -> x scale -> stochastic rounding, repeated until the
+    rounded vector is within the norm bound (conditional randomized rounding)
+    -> + exact discrete Gaussian noise -> clamp to the slot range -> pack
+    -> Paillier encrypt (obfuscator pool) -> sign
+
+:class:`RoundContext` decodes and checks what a round announcement asks for
+(packing spec and digest, key fingerprint, noise spec) against the device's
+own Paillier public key; :func:`privatize` and :func:`seal` are the two
+halves of the pipeline, and :func:`build_update` runs both. The privacy
+ledger charge sits between them in the device agent: the spend is recorded
+durably before the sealed update can leave the device.
+
+Safe defaults: randomness comes from the OS CSPRNG; a deterministic source
+is accepted only with ``allow_insecure_rng=True`` (tests).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+import numpy.typing as npt
+
+from edge_sdk.crypto import (
+    ObfuscatorPool,
+    PackingSpec,
+    PaillierPublicKey,
+    clamp,
+    encrypt,
+    pack,
+    quantize,
+)
+from edge_sdk.errors import LocalProtocolError, RemoteProtocolError
+from edge_sdk.identity import DeviceIdentity
+from edge_sdk.privacy import NoiseSpec, add_noise, clip_l2, within_norm_bound
+from edge_sdk.protocol import EncryptedUpdate, RoundAnnouncement, digest
+from edge_sdk.randomness import RandomSource, default_random
+
+__all__ = [
+    "NO_NOISE_DIGEST",
+    "PrivatizedUpdate",
+    "RoundContext",
+    "build_update",
+    "encode_noise_spec",
+    "noise_digest",
+    "privatize",
+    "seal",
+]
+
+NO_NOISE_DIGEST = digest(b"edgefl/v1/no-noise")
+MAX_ROUNDING_TRIES = 64
+
+
+def encode_noise_spec(noise: NoiseSpec | None) -> bytes:
+    """The announcement's ``privacy`` field: msgpack of the spec, empty for none."""
+    if noise is None:
+        return b""
+    data: bytes = msgpack.packb(noise.to_dict(), use_bin_type=True)
+    return data
+
+
+def noise_digest(privacy_field: bytes) -> bytes:
+    """Digest an update carries for the noise spec it applied."""
+    return digest(b"edgefl/v1/noise\x00" + privacy_field) if privacy_field else NO_NOISE_DIGEST
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RoundContext:
+    """What a device needs from an announcement, checked against its own key.
+
+    Attributes:
+        announcement: the round announcement.
+        packing: the decoded packing spec.
+        noise: the decoded noise spec, or None when the round asks for no DP.
+        public_key: the federation's Paillier public key held by the device.
+    """
+
+    announcement: RoundAnnouncement
+    packing: PackingSpec
+    noise: NoiseSpec | None
+    public_key: PaillierPublicKey
+
+    @classmethod
+    def from_announcement(
+        cls, announcement: RoundAnnouncement, public_key: PaillierPublicKey
+    ) -> RoundContext:
+        """Decode and cross-check an announcement.
+
+        Raises:
+            RemoteProtocolError: the announcement names another key, its
+                packing spec does not match its digest or the key, or its
+                noise spec is malformed.
+        """
+        fingerprint = bytes.fromhex(public_key.fingerprint)
+        if announcement.key_fingerprint != fingerprint:
+            raise RemoteProtocolError(
+                "round names another Paillier key than the device holds", reason="wrong_key"
+            )
+        try:
+            spec = PackingSpec.from_bytes(announcement.packing)
+        except Exception as exc:
+            raise RemoteProtocolError(f"bad packing spec: {exc}", reason="bad_spec") from None
+        if spec.digest() != announcement.packing_digest:
+            raise RemoteProtocolError("packing spec does not match its digest", reason="bad_spec")
+        if spec.key_fingerprint != public_key.fingerprint or spec.key_bits != public_key.bits:
+            raise RemoteProtocolError("packing spec is for another key", reason="bad_spec")
+        if spec.max_contributors < announcement.max_contributors:
+            raise RemoteProtocolError(
+                "packing headroom is smaller than max_contributors", reason="bad_spec"
+            )
+        noise: NoiseSpec | None = None
+        if announcement.privacy:
+            try:
+                raw = msgpack.unpackb(announcement.privacy, raw=False, strict_map_key=True)
+                noise = NoiseSpec.from_dict(raw)
+            except Exception as exc:
+                raise RemoteProtocolError(f"bad noise spec: {exc}", reason="bad_spec") from None
+            if abs(noise.scale - spec.scale) > 1e-12 * spec.scale:
+                raise RemoteProtocolError(
+                    f"noise spec scale {noise.scale} differs from packing scale {spec.scale}",
+                    reason="bad_spec",
+                )
+            if noise.min_clients > announcement.min_clients:
+                raise RemoteProtocolError(
+                    "noise calibrated for more clients than the round's quorum",
+                    reason="bad_spec",
+                )
+        return cls(announcement=announcement, packing=spec, noise=noise, public_key=public_key)
+
+    @property
+    def round_key(self) -> str:
+        """Ledger key of this round: ``federation/round``."""
+        return f"{self.announcement.federation}/{self.announcement.round_id}"
+
+    @property
+    def privacy_digest(self) -> bytes:
+        """Digest of the noise spec applied (bound into the signed update)."""
+        return noise_digest(self.announcement.privacy)
+
+    @property
+    def clip(self) -> float | None:
+        """The L2 clip from the noise spec (None without DP)."""
+        return None if self.noise is None else self.noise.clip
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PrivatizedUpdate:
+    """The noised integer update and what happened on the way.
+
+    Attributes:
+        values: clamped integer vector, ready to pack.
+        original_norm: L2 norm of the delta before clipping.
+        clipped: whether clipping changed the delta.
+        rounding_tries: conditional rounding attempts used.
+        clamped: coordinates changed by the final clamp to the slot range.
+    """
+
+    values: npt.NDArray[np.int64]
+    original_norm: float
+    clipped: bool
+    rounding_tries: int
+    clamped: int
+
+
+def privatize(
+    delta: npt.NDArray[np.floating[Any]],
+    ctx: RoundContext,
+    *,
+    clip: float | None = None,
+    rng: RandomSource | None = None,
+    allow_insecure_rng: bool = False,
+) -> PrivatizedUpdate:
+    """Clip, quantize, noise and clamp a model delta.
+
+    Args:
+        delta: the float model delta (length = model size).
+        ctx: the round context.
+        clip: L2 clip when the round carries no noise spec (HE-only rounds);
+            ignored otherwise (the spec's clip rules).
+        rng: randomness for rounding and noise; the OS CSPRNG by default.
+        allow_insecure_rng: accept a non-secure source (tests only).
+
+    Returns:
+        The private integer update.
+
+    Raises:
+        ValueError: wrong length, NaN/inf, or an insecure rng without opt-in.
+        LocalProtocolError: rounding never met the norm bound (vanishingly
+            unlikely; the round should be skipped).
+    """
+    source = rng or default_random()
+    if not source.secure and not allow_insecure_rng:
+        raise ValueError(
+            f"refusing insecure randomness {source!r} for a private update; "
+            "allow_insecure_rng=True is for tests"
+        )
+    vec = np.asarray(delta, dtype=np.float64).reshape(-1)
+    noise = ctx.noise
+    if noise is not None and vec.size != noise.dimension:
+        raise ValueError(f"delta has {vec.size} values, the round expects {noise.dimension}")
+    bound = noise.clip if noise is not None else clip
+    if bound is not None:
+        clipped_vec, norm = clip_l2(vec, bound)
+    else:
+        if not np.all(np.isfinite(vec)):
+            raise ValueError("delta contains NaN or infinity")
+        clipped_vec, norm = vec, float(np.linalg.norm(vec))
+    tries = 0
+    while True:
+        tries += 1
+        ints = quantize(clipped_vec, ctx.packing, source)
+        if noise is None or within_norm_bound(ints, noise):
+            break
+        if tries >= MAX_ROUNDING_TRIES:
+            raise LocalProtocolError(
+                f"conditional rounding failed {tries} times; skip this round",
+                reason="rounding_failed",
+            )
+    if noise is not None:
+        ints = add_noise(ints, noise, source, allow_insecure_rng=allow_insecure_rng)
+    values, clamped = clamp(ints, ctx.packing)
+    return PrivatizedUpdate(
+        values=values,
+        original_norm=float(norm),
+        clipped=bound is not None and norm > bound,
+        rounding_tries=tries,
+        clamped=int(clamped),
+    )
+
+
+def seal(
+    values: npt.NDArray[np.int64],
+    ctx: RoundContext,
+    identity: DeviceIdentity,
+    *,
+    pool: ObfuscatorPool | None = None,
+    rng: RandomSource | None = None,
+    now_ms: int | None = None,
+) -> EncryptedUpdate:
+    """Pack, encrypt and sign an integer update for the round in ``ctx``.
+
+    Args:
+        values: output of :func:`privatize` (within the slot range).
+        ctx: the round context.
+        identity: the device's signing identity.
+        pool: obfuscator pool (values used once, consumption durable);
+            obfuscators are computed on the fly without one.
+        rng: randomness for fresh obfuscators (OS CSPRNG by default).
+        now_ms: creation time; the wall clock by default.
+
+    Returns:
+        The signed update.
+    """
+    ann = ctx.announcement
+    plaintexts = pack(values, ctx.packing)
+    vector = encrypt(ctx.public_key, plaintexts, pool=pool, rng=rng)
+    blob = vector.to_bytes()
+    header: dict[str, Any] = {
+        "federation": ann.federation,
+        "round_id": ann.round_id,
+        "device_id": identity.device_id,
+        "key_fingerprint": ann.key_fingerprint,
+        "packing_digest": ann.packing_digest,
+        "privacy_digest": ctx.privacy_digest,
+        "num_params": int(values.size),
+        "num_ciphertexts": len(plaintexts),
+        "ciphertext_digest": digest(blob),
+        "created_ms": int(time.time() * 1000) if now_ms is None else now_ms,
+    }
+    unsigned = EncryptedUpdate(**header, ciphertexts=blob, signature=b"\0" * 64)
+    return EncryptedUpdate(
+        **header, ciphertexts=blob, signature=identity.sign(unsigned.signing_bytes())
+    )
+
+
+def build_update(
+    delta: npt.NDArray[np.floating[Any]],
+    ctx: RoundContext,
+    identity: DeviceIdentity,
+    *,
+    pool: ObfuscatorPool | None = None,
+    clip: float | None = None,
+    rng: RandomSource | None = None,
+    allow_insecure_rng: bool = False,
+    now_ms: int | None = None,
+) -> tuple[EncryptedUpdate, PrivatizedUpdate]:
+    """Run :func:`privatize` then :func:`seal` (no ledger: callers charge it first).
+
+    Returns:
+        The signed update and the privatization record.
+    """
+    private = privatize(delta, ctx, clip=clip, rng=rng, allow_insecure_rng=allow_insecure_rng)
+    update = seal(private.values, ctx, identity, pool=pool, rng=rng, now_ms=now_ms)
+    return update, private
