@@ -196,6 +196,17 @@ def test_same_seed_gives_same_noise_and_different_seeds_differ() -> None:
     assert not np.array_equal(a, c)
 
 
+def test_extreme_grid_values_sample_without_overflow() -> None:
+    from edge_sdk.privacy._sampler import MAX_SIGMA2
+
+    big = discrete_gaussian(DeterministicRandom("max"), Fraction(MAX_SIGMA2), 2000)
+    assert abs(float(big.astype(np.float64).std()) / math.sqrt(MAX_SIGMA2) - 1) < 0.15
+    tiny = discrete_gaussian(DeterministicRandom("min"), Fraction(1, 1 << 16), 2000)
+    assert np.count_nonzero(tiny) == 0  # P[X != 0] ~ 2 exp(-2**15)
+    with pytest.raises(ValueError):
+        discrete_gaussian(DeterministicRandom(0), Fraction(MAX_SIGMA2 + 1, 2), 5)
+
+
 def test_size_zero_and_dtype() -> None:
     assert sample_discrete_gaussian(4, 0, DeterministicRandom(0)).shape == (0,)
     assert sample_discrete_gaussian(4, 3, DeterministicRandom(0)).dtype == np.int64

@@ -55,7 +55,8 @@ __all__ = [
 
 #: Denominator of the sigma^2 grid below 2^24 (above it sigma^2 is an integer).
 SIGMA2_MAX_DEN = 1 << 16
-#: Largest supported sigma^2 (sigma about 8.4 million quantization units).
+#: Largest supported sigma^2 (sigma about 8.4 million quantization units); it
+#: also bounds the numerator of sigma^2, which keeps every integer in int64.
 MAX_SIGMA2 = 1 << 46
 _GRID_SWITCH = 1 << 24
 # Bound for q * (b|y| - a)^2 in int64; lanes above it use Python integers.
@@ -94,7 +95,7 @@ def sigma2_on_grid(sigma2: float | int | Fraction) -> Fraction:
 
 def _check_grid(sigma2: Fraction) -> tuple[int, int]:
     p, q = sigma2.numerator, sigma2.denominator
-    if p <= 0 or q <= 0 or q > SIGMA2_MAX_DEN or q & (q - 1) or p > MAX_SIGMA2 * q:
+    if p <= 0 or q <= 0 or q > SIGMA2_MAX_DEN or q & (q - 1) or p > MAX_SIGMA2:
         raise ValueError(f"sigma2 {sigma2} is not on the sampler grid; use sigma2_on_grid()")
     return p, q
 

@@ -181,7 +181,7 @@ class NoiseSpec:
         den = _int_in("sigma2_den", self.sigma2_den, 1, SIGMA2_MAX_DEN)
         if den & (den - 1):
             raise ValueError(f"sigma2_den must be a power of two, got {den}")
-        _int_in("sigma2_num", self.sigma2_num, 1, MAX_SIGMA2 * den)
+        _int_in("sigma2_num", self.sigma2_num, 1, MAX_SIGMA2)
         if math.gcd(self.sigma2_num, den) != 1:
             raise ValueError("sigma2_num/sigma2_den must be in lowest terms")
         _int_in("norm_bound_sq", self.norm_bound_sq, 1, 1 << 62)
