@@ -68,7 +68,7 @@ def regenerate_vectors() -> None:  # pragma: no cover - run by hand
     def record(name: str, loss: Any, params: dict[str, Any]) -> None:
         loss.backward()
         out[name] = {
-            "loss": float(loss),
+            "loss": float(loss.detach()),
             "grads": {k: p.grad.numpy().reshape(-1).tolist() for k, p in params.items()},
         }
 
