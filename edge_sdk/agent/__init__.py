@@ -1,0 +1,27 @@
+"""The device agent: session state machine, outbox, configuration and driver.
+
+``DeviceSession`` holds the protocol logic without I/O; ``DeviceAgent``
+drives it with a transport, the disk (ledger, outbox, model) and a trainer.
+"""
+
+from edge_sdk.agent.config import DeviceConfig, load_device_config
+from edge_sdk.agent.outbox import Outbox
+from edge_sdk.agent.runner import AgentHooks, DeviceAgent, Trainer, TrainResult, transport_config
+from edge_sdk.agent.session import DeviceSession, OutboxEntry, Phase
+from edge_sdk.agent.trainer import ModelTrainer, train_config_from
+
+__all__ = [
+    "AgentHooks",
+    "DeviceAgent",
+    "DeviceConfig",
+    "DeviceSession",
+    "ModelTrainer",
+    "Outbox",
+    "OutboxEntry",
+    "Phase",
+    "TrainResult",
+    "Trainer",
+    "load_device_config",
+    "train_config_from",
+    "transport_config",
+]

@@ -1,0 +1,498 @@
+"""The device agent: drives a :class:`DeviceSession` with MQTT, disk and a trainer.
+
+One worker thread owns the session. Transport callbacks (paho's thread) only
+decode and enqueue; training, privatization, encryption and disk writes run
+on the worker thread, so a slow device never blocks the MQTT keepalive.
+
+Order of durable steps for a round (each survives a kill at any point):
+
+1. ledger ``has_spent(round)`` -> the round was charged before: resend the
+   stored envelope if there is one, otherwise skip (never re-noise);
+2. ledger ``check(cost)`` -> skip with ``budget_exhausted``;
+3. train -> delta -> privatize -> seal (sign);
+4. ledger ``record(round, cost, idempotency_key=digest(envelope))``: the
+   spend is on disk before the update can leave the device;
+5. outbox ``store(envelope)``: on disk before the first publish;
+6. publish the chunks; resend the same bytes until the receipt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from edge_sdk._fs import atomic_write
+from edge_sdk.agent.config import DeviceConfig
+from edge_sdk.agent.outbox import Outbox
+from edge_sdk.agent.session import (
+    Action,
+    ApplyModel,
+    ClearOutbox,
+    Connected,
+    DeviceSession,
+    Disconnected,
+    Event,
+    ModelReceived,
+    PrepareUpdate,
+    PublishStatus,
+    PublishUpdate,
+    ReceiptReceived,
+    RoundReceived,
+    Started,
+    Tick,
+    UpdateFailed,
+    UpdateReady,
+)
+from edge_sdk.crypto import ObfuscatorPool, PaillierPublicKey, load_public_key
+from edge_sdk.errors import (
+    BudgetExhaustedError,
+    DecodeError,
+    EdgeFLError,
+    RemoteProtocolError,
+)
+from edge_sdk.identity import DeviceIdentity
+from edge_sdk.pipeline import RoundContext, build_update
+from edge_sdk.privacy import PrivacyLedger, cost_of, update_digest
+from edge_sdk.protocol import (
+    Chunk,
+    DeviceStatus,
+    GlobalModel,
+    Reassembler,
+    Receipt,
+    RoundAnnouncement,
+    Topics,
+    split_payload,
+)
+from edge_sdk.randomness import RandomSource
+from edge_sdk.transport import (
+    ConnectionEvent,
+    InboundMessage,
+    MessageTooLargeError,
+    NotConnectedError,
+    Transport,
+    TransportConfig,
+    Will,
+)
+
+__all__ = ["AgentHooks", "DeviceAgent", "TrainResult", "Trainer", "transport_config"]
+
+log = logging.getLogger(__name__)
+
+FloatVec = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True, slots=True)
+class TrainResult:
+    """What local training returns."""
+
+    weights: FloatVec
+    metrics: Mapping[str, float]
+
+
+class Trainer(Protocol):
+    """Local training as the agent sees it."""
+
+    @property
+    def num_params(self) -> int:
+        """Length of the flat weight vector."""
+        ...
+
+    def train(self, weights: FloatVec, config: Mapping[str, Any], seed: int) -> TrainResult:
+        """Train from ``weights`` on local data; return the new weights."""
+        ...
+
+
+@dataclass(slots=True)
+class AgentHooks:
+    """Test and simulation seams (all optional).
+
+    Attributes:
+        before_publish: called with (round_id, attempt) before an envelope
+            is published; a simulator uses it to crash a device mid-upload.
+        after_step: called with a step name after each durable step
+            (``ledger``, ``outbox``, ``published``, ``cleared``).
+        slowdown: multiply local training wall time (simulated slow CPU).
+    """
+
+    before_publish: Callable[[int, int], None] | None = None
+    after_step: Callable[[str, int], None] | None = None
+    slowdown: float = 1.0
+
+
+def transport_config(
+    config: DeviceConfig, *, now_ms: int | None = None, **overrides: Any
+) -> TransportConfig:
+    """The device's transport settings: broker section + last will (status offline).
+
+    The client id is the device id; the session is clean (the outbox, not the
+    broker session, carries what must survive).
+    """
+    topics = Topics(config.federation)
+    will = DeviceStatus(
+        federation=config.federation,
+        device_id=config.device_id,
+        state="offline",
+        detail="connection lost",
+        issued_ms=int(time.time() * 1000) if now_ms is None else now_ms,
+    ).to_bytes()
+    settings: dict[str, Any] = {
+        "url": config.broker["url"],
+        "client_id": config.device_id,
+        **{k: v for k, v in config.broker.items() if k != "url"},
+        "will": Will(topic=topics.status(config.device_id), payload=will, qos=1, retain=True),
+        **overrides,
+    }
+    return TransportConfig(**settings)
+
+
+class DeviceAgent:
+    """A device: identity, ledger, outbox, model, trainer and one session.
+
+    Args:
+        config: device configuration.
+        trainer: local training.
+        transport: MQTT (or in-memory) transport; not yet connected.
+        clock: milliseconds since the epoch (injected for tests).
+        rng: randomness for rounding, noise and obfuscators (OS CSPRNG if None).
+        allow_insecure_rng: accept a deterministic ``rng`` (tests and
+            reproducible simulations only).
+        public_key: the federation's Paillier key (else read from config).
+        hooks: simulation and test seams.
+        require_privacy: refuse rounds without a noise spec (the default: a
+            device never sends an update without its own DP noise). False
+            is for HE-only utility studies.
+    """
+
+    def __init__(
+        self,
+        config: DeviceConfig,
+        trainer: Trainer,
+        transport: Transport,
+        *,
+        clock: Callable[[], int] | None = None,
+        rng: RandomSource | None = None,
+        allow_insecure_rng: bool = False,
+        public_key: PaillierPublicKey | None = None,
+        hooks: AgentHooks | None = None,
+        require_privacy: bool = True,
+    ) -> None:
+        self.config = config
+        self.require_privacy = require_privacy
+        self.trainer = trainer
+        self.transport = transport
+        self.clock = clock or (lambda: int(time.time() * 1000))
+        self.rng = rng
+        self.allow_insecure_rng = allow_insecure_rng
+        self.hooks = hooks or AgentHooks()
+        self.topics = Topics(config.federation)
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.public_key = public_key or load_public_key(
+            config.public_key, expected_fingerprint=config.fingerprint
+        )
+        if config.identity_file.exists():
+            self.identity = DeviceIdentity.load(config.identity_file)
+            if self.identity.device_id != config.device_id:
+                raise EdgeFLError(
+                    f"identity file is for {self.identity.device_id!r}, config says "
+                    f"{config.device_id!r}"
+                )
+        else:
+            self.identity = DeviceIdentity.generate(config.device_id)
+            self.identity.save(config.identity_file)
+        if config.ledger_file.exists():
+            self.ledger = PrivacyLedger.open_existing(config.ledger_file)
+        else:
+            self.ledger = PrivacyLedger(
+                config.ledger_file, budget_epsilon=config.budget_epsilon, delta=config.delta
+            )
+        self.outbox = Outbox(config.outbox_dir)
+        self.pool = ObfuscatorPool(config.pool_dir, self.public_key)
+        self.session = DeviceSession(
+            device_id=config.device_id,
+            federation=config.federation,
+            resend_initial_ms=int(config.resend_initial_s * 1000),
+            resend_max_ms=int(config.resend_max_s * 1000),
+        )
+        self.weights: FloatVec | None = None
+        self.model: GlobalModel | None = None
+        self._events: queue.Queue[Event | None] = queue.Queue()
+        self._reassembler = Reassembler(max_payload_size=64 * 1024 * 1024, max_pending=8)
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.rejected_inbound = 0
+        self.last_metrics: dict[str, float] = {}
+        self.rounds_sent: list[int] = []
+        self.error: BaseException | None = None
+        self._load_model()
+
+    # ---------------------------------------------------------------- startup
+    def _load_model(self) -> None:
+        path = self.config.model_file
+        if not path.exists():
+            return
+        try:
+            model = GlobalModel.from_bytes(path.read_bytes())
+        except (DecodeError, OSError) as exc:
+            log.error("stored model %s unreadable (%s); waiting for the broker's copy", path, exc)
+            return
+        if model.num_params == self.trainer.num_params:
+            self.model = model
+            self.weights = np.frombuffer(model.weights, dtype="<f4").astype(np.float32)
+
+    def start(self, connect_timeout: float | None = None) -> None:
+        """Restore state, connect and start the worker thread."""
+        entry = self.outbox.latest()
+        self._post(
+            Started(
+                now_ms=self.clock(),
+                model_version=None if self.model is None else self.model.version,
+                outbox=entry,
+            )
+        )
+        self.transport.on_connection_change(self._on_connection)
+        self.transport.subscribe(self.topics.round, self._on_round)
+        self.transport.subscribe(self.topics.model_filter, self._on_model_chunk)
+        self.transport.subscribe(self.topics.ack(self.config.device_id), self._on_receipt)
+        self._thread = threading.Thread(
+            target=self._run, name=f"agent-{self.config.device_id}", daemon=True
+        )
+        self._thread.start()
+        self.transport.connect(timeout=connect_timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the worker and close the transport (publishing status offline)."""
+        self._stop.set()
+        self._events.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with contextlib.suppress(EdgeFLError):
+            self._publish_status(PublishStatus(state="offline", round_id=self.session.last_round))
+        self.transport.close()
+
+    # ----------------------------------------------------- transport callbacks
+    def _post(self, event: Event) -> None:
+        self._events.put(event)
+
+    def _on_connection(self, event: ConnectionEvent) -> None:
+        now = self.clock()
+        self._post(Connected(now_ms=now) if event.connected else Disconnected(now_ms=now))
+
+    def _on_round(self, msg: InboundMessage) -> None:
+        if not msg.payload:
+            return
+        try:
+            ann = RoundAnnouncement.from_bytes(msg.payload, max_size=64 * 1024)
+        except DecodeError as exc:
+            self.rejected_inbound += 1
+            log.warning("ignoring bad round announcement: %s", exc)
+            return
+        self._post(RoundReceived(now_ms=self.clock(), announcement=ann))
+
+    def _on_model_chunk(self, msg: InboundMessage) -> None:
+        if not msg.payload:
+            return  # a cleared retained chunk
+        try:
+            chunk = Chunk.from_bytes(msg.payload, max_size=8 * 1024 * 1024)
+            if chunk.stream != "model" or chunk.federation != self.config.federation:
+                raise DecodeError("not a model chunk of this federation")
+            whole = self._reassembler.add(chunk)
+            if whole is None:
+                return
+            model = GlobalModel.from_bytes(whole, max_size=256 * 1024 * 1024)
+        except DecodeError as exc:
+            self.rejected_inbound += 1
+            log.warning("ignoring bad model data: %s", exc)
+            return
+        self._post(ModelReceived(now_ms=self.clock(), model=model))
+
+    def _on_receipt(self, msg: InboundMessage) -> None:
+        try:
+            receipt = Receipt.from_bytes(msg.payload, max_size=4096)
+        except DecodeError as exc:
+            self.rejected_inbound += 1
+            log.warning("ignoring bad receipt: %s", exc)
+            return
+        self._post(ReceiptReceived(now_ms=self.clock(), receipt=receipt))
+
+    # ------------------------------------------------------------- the worker
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    event = self._events.get(timeout=0.25)
+                except queue.Empty:
+                    event = Tick(now_ms=self.clock())
+                if event is None:
+                    break
+                self._dispatch(event)
+        except BaseException as exc:  # surfaced to the owner, never silent
+            self.error = exc
+            log.exception("device agent %s stopped on an error", self.config.device_id)
+
+    def _dispatch(self, event: Event) -> None:
+        pending: list[Event] = [event]
+        while pending:
+            for action in self.session.handle(pending.pop(0)):
+                follow_up = self._execute(action)
+                if follow_up is not None:
+                    pending.append(follow_up)
+
+    def process_pending(self) -> None:
+        """Handle queued events on the caller's thread (for tests without a worker)."""
+        while True:
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                return
+            if event is not None:
+                self._dispatch(event)
+
+    def _execute(self, action: Action) -> Event | None:
+        if isinstance(action, PrepareUpdate):
+            return self._prepare(action.announcement)
+        if isinstance(action, PublishUpdate):
+            self._publish_update(action)
+            return None
+        if isinstance(action, ClearOutbox):
+            self.outbox.remove(action.round_id)
+            self._step("cleared", action.round_id)
+            return None
+        if isinstance(action, ApplyModel):
+            self._apply_model(action.model)
+            return None
+        if isinstance(action, PublishStatus):
+            self._publish_status(action)
+            return None
+        raise TypeError(f"unknown action {action!r}")
+
+    def _step(self, name: str, round_id: int) -> None:
+        if self.hooks.after_step is not None:
+            self.hooks.after_step(name, round_id)
+
+    def _apply_model(self, model: GlobalModel) -> None:
+        if model.num_params != self.trainer.num_params:
+            log.error(
+                "global model v%d has %d params, local model %d: not applied",
+                model.version,
+                model.num_params,
+                self.trainer.num_params,
+            )
+            return
+
+        atomic_write(self.config.model_file, model.to_bytes(), mode=0o600)
+        self.model = model
+        self.weights = np.frombuffer(model.weights, dtype="<f4").astype(np.float32)
+
+    def _prepare(self, ann: RoundAnnouncement) -> Event:
+        now = self.clock()
+
+        def fail(reason: str, detail: str = "") -> UpdateFailed:
+            log.info("round %d skipped: %s %s", ann.round_id, reason, detail)
+            return UpdateFailed(now_ms=now, round_id=ann.round_id, reason=reason, detail=detail)
+
+        try:
+            ctx = RoundContext.from_announcement(ann, self.public_key)
+        except RemoteProtocolError as exc:
+            return fail(exc.reason, str(exc))
+        if self.ledger.has_spent(ctx.round_key):
+            return fail("already_spent", "update for this round was prepared before a restart")
+        if ctx.noise is None and self.require_privacy:
+            return fail("no_privacy", "round carries no noise spec; this device requires DP")
+        cost = None if ctx.noise is None else cost_of(ctx.noise)
+        if cost is not None:
+            try:
+                self.ledger.check(cost)
+            except BudgetExhaustedError as exc:
+                return fail("budget_exhausted", str(exc))
+        if self.weights is None or self.model is None:
+            return fail("no_model")
+        started = time.perf_counter()
+        result = self.trainer.train(
+            self.weights.copy(), ann.train_config(), seed=(ann.round_id * 1_000_003) % 2**31
+        )
+        if self.hooks.slowdown > 1.0:
+            time.sleep((time.perf_counter() - started) * (self.hooks.slowdown - 1.0))
+        self.last_metrics = dict(result.metrics)
+        delta = result.weights.astype(np.float64) - self.weights.astype(np.float64)
+        try:
+            update, _private = build_update(
+                delta,
+                ctx,
+                self.identity,
+                pool=self.pool,
+                rng=self.rng,
+                allow_insecure_rng=self.allow_insecure_rng,
+                now_ms=self.clock(),
+            )
+        except (ValueError, EdgeFLError) as exc:
+            return fail("privatize_failed", str(exc))
+        payload = update.to_bytes()
+        if cost is not None and ctx.noise is not None:
+            self.ledger.record(
+                ctx.round_key,
+                cost,
+                idempotency_key=update_digest(payload),
+                federation=ann.federation,
+                round_id=ann.round_id,
+                noise=ctx.noise.to_dict(),
+            )
+            self._step("ledger", ann.round_id)
+        entry = self.outbox.store(update)
+        self._step("outbox", ann.round_id)
+        return UpdateReady(now_ms=self.clock(), entry=entry)
+
+    def _publish_update(self, action: PublishUpdate) -> None:
+        entry = action.entry
+        if self.hooks.before_publish is not None:
+            self.hooks.before_publish(entry.round_id, action.attempt)
+        limit = self.transport.max_payload_size(self.topics.updates(self.config.device_id))
+        chunks = split_payload(
+            entry.payload,
+            federation=self.config.federation,
+            stream="update",
+            sender=self.config.device_id,
+            round_id=entry.round_id,
+            max_message_size=limit,
+        )
+        topic = self.topics.updates(self.config.device_id)
+        try:
+            for chunk in chunks:
+                self.transport.publish(topic, chunk.to_bytes(), qos=1)
+        except NotConnectedError:
+            log.info("not connected: round %d update stays in the outbox", entry.round_id)
+            return
+        except MessageTooLargeError as exc:  # the limit was computed above; a bug if hit
+            log.error("chunk too large for the broker: %s", exc)
+            return
+        if entry.round_id not in self.rounds_sent:
+            self.rounds_sent.append(entry.round_id)
+        self._step("published", entry.round_id)
+
+    def _publish_status(self, action: PublishStatus) -> None:
+        status = DeviceStatus(
+            federation=self.config.federation,
+            device_id=self.config.device_id,
+            state=action.state,
+            round_id=action.round_id,
+            detail=action.detail,
+            issued_ms=self.clock(),
+        )
+        with contextlib.suppress(NotConnectedError):
+            self.transport.publish(
+                self.topics.status(self.config.device_id), status.to_bytes(), qos=1, retain=True
+            )
+
+    @property
+    def state_dir(self) -> Path:
+        """Where this device keeps its identity, ledger, outbox, model and pool."""
+        return self.config.state_dir
