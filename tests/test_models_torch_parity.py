@@ -42,6 +42,33 @@ def _cnn() -> Any:
     )
 
 
+class _Residual(torch.nn.Module):  # type: ignore[misc]
+    """view() (Shape/Gather/Concat/Reshape), a skip connection, frozen BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.conv2 = torch.nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.drop = torch.nn.Dropout(0.5)
+        self.fc = torch.nn.Linear(4 * 16, 10)
+
+    def forward(self, x: Any) -> Any:
+        h = self.bn(torch.relu(self.conv(x)))  # not Conv->BN, which export fuses
+        h = torch.nn.functional.leaky_relu(h + self.conv2(h), 0.1)
+        h = torch.nn.functional.max_pool2d(h, 2)
+        return self.fc(self.drop(h.view(h.size(0), -1)))
+
+
+def _residual() -> Any:
+    torch.manual_seed(2)
+    net = _Residual()
+    with torch.no_grad():  # non-trivial frozen statistics
+        net.bn.running_mean.uniform_(-0.5, 0.5)
+        net.bn.running_var.uniform_(0.5, 2.0)
+    return net.eval()  # BatchNorm uses running statistics, Dropout is identity
+
+
 def _export(net: Any, example: Any) -> bytes:
     buffer = io.BytesIO()
     with warnings.catch_warnings():
@@ -84,8 +111,8 @@ def _relative_error(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.mark.parametrize(
     ("make", "x_shape"),
-    [(_mlp, (N, 64)), (_cnn, (N, 1, 8, 8))],
-    ids=["mlp", "cnn"],
+    [(_mlp, (N, 64)), (_cnn, (N, 1, 8, 8)), (_residual, (N, 1, 8, 8))],
+    ids=["mlp", "cnn", "residual-bn"],
 )
 @pytest.mark.parametrize(
     "cfg",
@@ -101,7 +128,7 @@ def test_twenty_sgd_steps_match_pytorch(make: Any, x_shape: tuple[int, ...], cfg
     y = rng.integers(0, 10, size=N).astype(np.int64)
     net = make()
     model = OnnxModel.from_bytes(_export(net, torch.from_numpy(x[:2])))
-    state = {k: v.detach().numpy().copy() for k, v in net.state_dict().items()}
+    state = {k: v.detach().numpy().copy() for k, v in net.named_parameters()}
     assert set(model.layout.names) == set(state)
     for name, value in model.weights().items():
         np.testing.assert_array_equal(value, state[name])
@@ -110,7 +137,7 @@ def test_twenty_sgd_steps_match_pytorch(make: Any, x_shape: tuple[int, ...], cfg
     _train_torch(net, x, y, cfg, seed=3)
 
     assert report.steps == STEPS
-    trained = {k: v.detach().numpy() for k, v in net.state_dict().items()}
+    trained = {k: v.detach().numpy() for k, v in net.named_parameters()}
     ours = model.weights()
     start = model.layout.concat(state)
     moved = np.linalg.norm(model.get_flat() - start)
