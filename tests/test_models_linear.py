@@ -311,3 +311,40 @@ def test_layout_bounds_the_parameter_count() -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     regenerate_vectors()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lr=st.floats(min_value=1e-3, max_value=0.2),
+    momentum=st.sampled_from([0.0, 0.5, 0.9]),
+    weight_decay=st.sampled_from([0.0, 1e-3, 0.1]),
+    prox_mu=st.sampled_from([0.0, 0.01, 1.0]),
+)
+def test_sgd_steps_follow_the_documented_update(
+    lr: float, momentum: float, weight_decay: float, prox_mu: float
+) -> None:
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(6, 2)), rng.normal(size=6)
+    start = np.array([0.3, -0.1, 0.2], dtype=np.float32)
+    anchor = np.array([0.0, 0.5, -0.5], dtype=np.float32)
+    model = LinearRegression(2)
+    model.set_flat(start)
+    cfg = TrainConfig(
+        epochs=3,
+        batch_size=6,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        prox_mu=prox_mu,
+    )
+    model.fit(x, y, config=cfg, seed=0, global_weights=anchor)
+    # full-batch steps, so the shuffle order does not matter
+    w = start.astype(np.float64)
+    v = np.zeros(3)
+    for _ in range(3):
+        resid = x @ w[:2] + w[2] - y
+        g = np.concatenate([2 * x.T @ resid / 6, [2 * resid.mean()]])
+        g = g + weight_decay * w + prox_mu * (w - anchor)
+        v = momentum * v + g
+        w = w - lr * v
+    np.testing.assert_allclose(model.get_flat(), w, rtol=1e-5, atol=1e-6)
