@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from edge_sdk.agent.session import (
     ApplyModel,
     ClearOutbox,
@@ -160,7 +162,7 @@ def test_resend_backoff_grows_and_caps() -> None:
     for now in range(0, 40_000, 100):
         if s.handle(Tick(now_ms=now)):
             sent_at.append(now)
-    gaps = [b - a for a, b in zip(sent_at, sent_at[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(sent_at)]
     assert sent_at[0] == 1000
     assert gaps[:3] == [2000, 4000, 8000] and max(gaps) == 8000
 
