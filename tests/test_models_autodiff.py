@@ -488,3 +488,18 @@ def test_onnx_model_exports_a_valid_inference_model_with_trained_weights() -> No
         np.testing.assert_array_equal(weights[name], value)
     session = ort.InferenceSession(exported.SerializeToString(), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, {"input": x})[0], model.predict(x), rtol=1e-6)
+
+
+def test_dropout_in_training_mode_is_rejected() -> None:
+    pre, w = _prelude((3, 4))
+    case = Case(
+        [*pre, n("Dropout", ["h", "ratio", "mode"], ["y"])],
+        _r(3, 4),
+        w,
+        (3, 4),
+        consts={"ratio": np.array(0.5), "mode": np.array(True)},
+    )
+    with pytest.raises(ModelError, match="training_mode"):
+        build_training_graph(case.model(np.float64), loss="mse")
+    case.consts["mode"] = np.array(False)
+    build_training_graph(case.model(np.float64), loss="mse")

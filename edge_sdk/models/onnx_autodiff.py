@@ -276,6 +276,17 @@ def plan_graph(
             logits = last.input[0]
             is_prob = True
 
+    for node in graph.node:
+        # Dropout in training mode would drop at random inside the training
+        # step; edgefl trains with inference-mode Dropout only.
+        if node.op_type == "Dropout" and len(node.input) > 2 and node.input[2]:
+            flag = inits.get(node.input[2])
+            if flag is None or bool(numpy_helper.to_array(flag).any()):
+                raise ModelError(
+                    f"Dropout node {node.name or node.output[0]!r} has a training_mode input "
+                    "that is not a constant false; export the model in inference mode"
+                )
+
     candidates: list[str] = []
     differentiable_use: set[str] = set()
     for node in graph.node:
