@@ -80,10 +80,14 @@ _STABLE_AFTER_S = 10.0
 
 
 class _QuietAfterClose(logging.Filter):
-    """Drop paho's "Client is not connected" error, logged by its loop after every close."""
+    """Drop the two errors paho logs after every :meth:`MqttTransport.close`."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Client is not connected")
+        text = record.getMessage()
+        return not (
+            text.startswith("Client is not connected")
+            or text.endswith("on_pre_connect: transport closing")
+        )
 
 
 _paho_log = logging.getLogger("edge_sdk.transport.paho")
@@ -513,12 +517,11 @@ class MqttTransport:
         if self._closing.is_set():
             raise _Closing("transport closing")
         with self._lock:
-            first = self._first_attempt
-            self._first_attempt = False
+            if self._first_attempt:
+                self._first_attempt = False
+                return
             attempt = self._retry
             self._retry += 1
-        if first:
-            return
         delay = self._backoff.delay(attempt)
         self.reconnect_delays.append(delay)
         log.debug("%s: reconnecting in %.2f s (attempt %d)", self.client_id, delay, attempt + 1)
