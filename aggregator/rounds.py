@@ -1,0 +1,850 @@
+"""The aggregator's round state machine, without I/O.
+
+Events go in (:class:`Start`, :class:`MessageReceived`, :class:`Tick`,
+:class:`KeyholderAnswered`), actions come out (:class:`Commit`,
+:class:`PersistAccepted`, :class:`Publish`, :class:`SendReceipt`,
+:class:`RequestDecryption`, :class:`Rejected`, :class:`Alert`). Time comes
+in with every event. The service executes the actions in order: every
+persist action comes before the publishes and receipts that depend on it,
+and the inbound MQTT message is acknowledged only after all of them ran.
+
+Phases of a round::
+
+    collecting --(target reached, or deadline with >= min_clients)--> decrypting
+    collecting --(deadline with < min_clients)--> failed --> next round
+    decrypting --(key holder: ok)--> done: new model (retained) --> next round
+    decrypting --(overflow / refused / bad result)--> failed --> next round
+
+Rule 1: validate, then mutate. An update reaches the running sum only after
+every check passed: topic, chunks, schema, federation, device registered and
+not revoked, signature, round, cohort, key fingerprint, packing digest,
+privacy digest, shape, ciphertext length and range. Each rejection has a
+precise reason (logged and counted via :class:`Rejected`); the device's
+receipt only says ``rejected``.
+
+Rule 2: one update per device per round. The exact same update again is
+acknowledged again (``duplicate``) and counted once; a different signed
+update from the same device for the same round is equivocation: rejected,
+and raised as an :class:`Alert` (it is a signed proof of misbehaviour).
+
+Rule 3: the in-memory state is only ever ahead of the store by the actions
+just returned. If executing them fails the service must exit; a restart
+rebuilds the machine from the store (:meth:`RoundMachine.restore`) and the
+broker redelivers the unacknowledged message.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from aggregator.keyholder import KeyholderVerifier
+from aggregator.optimizers import ServerOptimizer, mean_delta
+from aggregator.planning import RoundPlan, build_announcement
+from edge_sdk.crypto import CiphertextAccumulator, CiphertextVector
+from edge_sdk.errors import DecodeError, InvalidCiphertextError, InvalidSignatureError
+from edge_sdk.identity import DeviceRegistry
+from edge_sdk.protocol import (
+    Chunk,
+    ContributorProof,
+    EncryptedUpdate,
+    GlobalModel,
+    KeyholderRequest,
+    KeyholderResult,
+    Reassembler,
+    Receipt,
+    RoundAnnouncement,
+    Topics,
+    model_digest,
+    parse_topic,
+    split_payload,
+)
+
+__all__ = [
+    "Action",
+    "Alert",
+    "Commit",
+    "Event",
+    "KeyholderAnswered",
+    "MessageReceived",
+    "PersistAccepted",
+    "Publish",
+    "Rejected",
+    "RequestDecryption",
+    "RoundConfig",
+    "RoundMachine",
+    "RoundRecord",
+    "SendReceipt",
+    "Snapshot",
+    "Start",
+    "Tick",
+]
+
+log = logging.getLogger("edgefl.aggregator.rounds")
+
+PHASES = ("collecting", "decrypting", "done", "failed")
+
+
+# ----------------------------------------------------------------- config
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RoundConfig:
+    """Round settings (the packing headroom and noise live in the :class:`RoundPlan`).
+
+    Attributes:
+        federation: federation name.
+        min_clients: quorum; below it at the deadline the round fails.
+        target_clients: close the round as soon as this many updates are in.
+        round_duration_ms: deadline = opening time + this.
+        rounds: successful rounds (model versions) to run; 0 = forever.
+        cohort: devices asked to take part (empty: every enrolled device).
+        train: local training settings announced to devices.
+        fixed_denominator: DP-FedAvg: divide the sum by this, not the count.
+        max_message_size: largest MQTT payload published (model chunks).
+        max_update_bytes: largest reassembled update accepted.
+        keyholder_retry_ms: re-send an unanswered decryption request after this.
+        history_rounds: past rounds whose accepted digests are remembered
+            (late duplicates are acknowledged as duplicates, not late).
+    """
+
+    federation: str
+    min_clients: int
+    target_clients: int
+    round_duration_ms: int
+    rounds: int = 0
+    cohort: tuple[str, ...] = ()
+    train: tuple[tuple[str, Any], ...] = ()
+    fixed_denominator: int | None = None
+    max_message_size: int = 128 * 1024
+    max_update_bytes: int = 256 * 1024 * 1024
+    keyholder_retry_ms: int = 30_000
+    history_rounds: int = 4
+
+    def __post_init__(self) -> None:
+        if self.min_clients < 1:
+            raise ValueError(f"min_clients must be >= 1, got {self.min_clients}")
+        if self.target_clients < self.min_clients:
+            raise ValueError(
+                f"target_clients ({self.target_clients}) must be >= min_clients "
+                f"({self.min_clients})"
+            )
+        if self.round_duration_ms < 1:
+            raise ValueError(f"round_duration_ms must be >= 1, got {self.round_duration_ms}")
+        if self.rounds < 0:
+            raise ValueError(f"rounds must be >= 0, got {self.rounds}")
+        if self.cohort and len(self.cohort) < self.min_clients:
+            raise ValueError("the cohort is smaller than min_clients")
+
+
+# ----------------------------------------------------------------- records
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RoundRecord:
+    """What the store keeps about one round (besides its accepted updates and sum).
+
+    Attributes:
+        round_id: the round.
+        phase: ``collecting``, ``decrypting``, ``done`` or ``failed``.
+        announcement: the encoded RoundAnnouncement.
+        opened_ms: when it opened.
+        closed_ms: when collection ended (0 while collecting).
+        count: contributions in the sum at close.
+        request: the encoded KeyholderRequest (while/after decrypting).
+        result: the encoded KeyholderResult (after it came).
+        outcome: ``ok`` or the failure reason.
+    """
+
+    round_id: int
+    phase: str
+    announcement: bytes
+    opened_ms: int
+    closed_ms: int = 0
+    count: int = 0
+    request: bytes = b""
+    result: bytes = b""
+    outcome: str = ""
+
+    def __post_init__(self) -> None:
+        if self.phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {self.phase!r}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Snapshot:
+    """The durable state the machine resumes from (see ``aggregator.store``).
+
+    Attributes:
+        current: the latest round's record.
+        sum_blob: its running encrypted sum (empty when no update yet).
+        count: updates in that sum.
+        accepted: encoded ContributorProofs of its accepted updates.
+        model: the latest global model.
+        optimizer_state: the optimizer state that produced it.
+        history: recent rounds' accepted (device id -> update digest).
+    """
+
+    current: RoundRecord
+    sum_blob: bytes
+    count: int
+    accepted: tuple[bytes, ...]
+    model: GlobalModel
+    optimizer_state: bytes
+    history: dict[int, dict[str, bytes]] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------- events
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Start:
+    """The service (re)started or reconnected: resume and re-publish retained state."""
+
+    now_ms: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MessageReceived:
+    """An MQTT message on an ``updates/{device}`` topic (one chunk)."""
+
+    topic: str
+    payload: bytes
+    now_ms: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Tick:
+    """Time passed (deadlines, key holder retries)."""
+
+    now_ms: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeyholderAnswered:
+    """The key holder's result arrived."""
+
+    result: KeyholderResult
+    now_ms: int
+
+
+Event = Start | MessageReceived | Tick | KeyholderAnswered
+
+
+# ----------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Publish:
+    """Publish ``payload`` on ``topic`` (QoS 1)."""
+
+    topic: str
+    payload: bytes
+    retain: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SendReceipt:
+    """Send ``receipt`` to its device's ``ack`` topic."""
+
+    topic: str
+    receipt: Receipt
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PersistAccepted:
+    """Durably record one accepted update AND the new running sum, in one transaction."""
+
+    round_id: int
+    device_id: str
+    update_digest: bytes
+    proof: bytes
+    sum_blob: bytes
+    count: int
+    at_ms: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Commit:
+    """Durably record round transitions (and a new model), in one transaction.
+
+    ``records`` are upserted; the last one is the current round. A new round
+    starts with an empty sum.
+    """
+
+    records: tuple[RoundRecord, ...]
+    model: GlobalModel | None = None
+    optimizer_state: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RequestDecryption:
+    """Ask the key holder to decrypt ``request`` (idempotent: may be sent again)."""
+
+    request: KeyholderRequest
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Rejected:
+    """An inbound message was refused; ``reason`` is precise (logs and metrics only)."""
+
+    device_id: str | None
+    round_id: int | None
+    reason: str
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Alert:
+    """Something an operator must look at (equivocation, overflow, refused sum)."""
+
+    kind: str
+    round_id: int
+    device_id: str | None = None
+    detail: str = ""
+
+
+Action = Publish | SendReceipt | PersistAccepted | Commit | RequestDecryption | Rejected | Alert
+
+
+# ----------------------------------------------------------------- machine
+
+
+class RoundMachine:
+    """Runs rounds: validates updates, sums them, closes, applies the result.
+
+    Args:
+        config: round settings.
+        plan: packing spec, noise spec, dimension, quorum (``aggregator.planning``).
+        registry: enrolled devices (signatures are checked against it).
+        optimizer: the server optimizer (its state is restored from snapshots).
+        initial_weights: version-0 model weights, used on the very first start.
+        keyholder: verifier of key holder results.
+    """
+
+    def __init__(
+        self,
+        config: RoundConfig,
+        plan: RoundPlan,
+        registry: DeviceRegistry,
+        optimizer: ServerOptimizer,
+        *,
+        initial_weights: npt.ArrayLike | None = None,
+        keyholder: KeyholderVerifier | None = None,
+    ) -> None:
+        """Create the machine; call :meth:`restore` (or nothing) then feed :class:`Start`."""
+        if config.min_clients != plan.min_clients:
+            raise ValueError("config.min_clients and plan.min_clients differ")
+        if config.target_clients > plan.max_contributors:
+            raise ValueError("target_clients exceeds the packing headroom (max_contributors)")
+        self.config = config
+        self.plan = plan
+        self.registry = registry
+        self.optimizer = optimizer
+        self.keyholder = keyholder or KeyholderVerifier(None)
+        self.topics = Topics(config.federation)
+        self.public_key = plan.public_key
+        self._fingerprint = bytes.fromhex(plan.public_key.fingerprint)
+        self._packing_digest = plan.packing.digest()
+        self._privacy_digest = plan.privacy_digest
+        self._num_ct = plan.num_ciphertexts
+        self._initial = (
+            None
+            if initial_weights is None
+            else np.asarray(initial_weights, dtype=np.float32).reshape(-1)
+        )
+        if self._initial is not None and self._initial.size != plan.dimension:
+            raise ValueError(
+                f"initial weights have {self._initial.size} values, the plan {plan.dimension}"
+            )
+        self.reassembler = Reassembler(max_payload_size=config.max_update_bytes)
+        self.stats: Counter[str] = Counter()
+        self.rejections: Counter[str] = Counter()
+        self.finished = False
+        self._snapshot: Snapshot | None = None
+        self._record: RoundRecord | None = None
+        self._announcement: RoundAnnouncement | None = None
+        self._model: GlobalModel | None = None
+        self._acc = CiphertextAccumulator(self.public_key, self._num_ct)
+        self._accepted: dict[str, ContributorProof] = {}
+        self._history: dict[int, dict[str, bytes]] = {}
+        self._request: KeyholderRequest | None = None
+        self._last_request_ms = 0
+
+    # -- state accessors ---------------------------------------------------
+
+    @property
+    def round_id(self) -> int:
+        """The current round (0 before :class:`Start`)."""
+        return 0 if self._record is None else self._record.round_id
+
+    @property
+    def phase(self) -> str:
+        """The current round's phase (``finished`` after the last round)."""
+        if self.finished:
+            return "finished"
+        return "" if self._record is None else self._record.phase
+
+    @property
+    def model(self) -> GlobalModel | None:
+        """The latest global model."""
+        return self._model
+
+    @property
+    def announcement(self) -> RoundAnnouncement | None:
+        """The current round's announcement."""
+        return self._announcement
+
+    @property
+    def count(self) -> int:
+        """Updates accepted in the current round."""
+        return self._acc.count
+
+    @property
+    def contributors(self) -> list[str]:
+        """Device ids accepted in the current round, sorted."""
+        return sorted(self._accepted)
+
+    @property
+    def encrypted_sum(self) -> bytes:
+        """The current running sum blob."""
+        return self._acc.value.to_bytes()
+
+    # -- restore -----------------------------------------------------------
+
+    def restore(self, snapshot: Snapshot) -> None:
+        """Load durable state (before :class:`Start`)."""
+        self._snapshot = snapshot
+        rec = snapshot.current
+        self._record = rec
+        self._announcement = RoundAnnouncement.from_bytes(rec.announcement)
+        self._model = snapshot.model
+        self.optimizer.load_state(snapshot.optimizer_state)
+        if snapshot.count:
+            vector = CiphertextVector.from_bytes(snapshot.sum_blob, self.public_key, self._num_ct)
+            self._acc = CiphertextAccumulator.from_vector(vector, snapshot.count)
+        else:
+            self._acc = CiphertextAccumulator(self.public_key, self._num_ct)
+        self._accepted = {}
+        for blob in snapshot.accepted:
+            proof = ContributorProof.from_bytes(blob)
+            self._accepted[proof.device_id] = proof
+        if len(self._accepted) != snapshot.count:
+            raise ValueError(
+                f"store is inconsistent: {len(self._accepted)} accepted rows, sum of "
+                f"{snapshot.count}"
+            )
+        self._history = {r: dict(d) for r, d in snapshot.history.items()}
+        self._history.setdefault(rec.round_id, {}).update(
+            {d: p.update_digest for d, p in self._accepted.items()}
+        )
+        self._request = KeyholderRequest.from_bytes(rec.request) if rec.request else None
+        done_rounds = self._model.version
+        self.finished = (
+            rec.phase in ("done", "failed")
+            and self.config.rounds > 0
+            and done_rounds >= self.config.rounds
+        )
+
+    # -- dispatch ----------------------------------------------------------
+
+    def handle(self, event: Event) -> list[Action]:
+        """Feed one event; return the actions to execute, in order."""
+        if isinstance(event, Start):
+            return self._on_start(event.now_ms)
+        if self._record is None:
+            raise RuntimeError("feed Start before any other event")
+        if isinstance(event, MessageReceived):
+            return self._on_message(event)
+        if isinstance(event, Tick):
+            return self._on_tick(event.now_ms)
+        if isinstance(event, KeyholderAnswered):
+            return self._on_result(event.result, event.now_ms)
+        raise TypeError(f"unknown event {event!r}")
+
+    # -- start -------------------------------------------------------------
+
+    def _on_start(self, now: int) -> list[Action]:
+        actions: list[Action] = []
+        if self._record is None:
+            if self._initial is None:
+                raise ValueError("first start needs initial_weights")
+            weights = self._initial.astype("<f4").tobytes()
+            parent = bytes(32)
+            model = GlobalModel(
+                federation=self.config.federation,
+                version=0,
+                round_id=0,
+                parent_digest=parent,
+                digest=model_digest(0, parent, weights),
+                num_params=self.plan.dimension,
+                weights=weights,
+                created_ms=now,
+            )
+            self._model = model
+            record = self._open(1, now)
+            actions.append(
+                Commit(records=(record,), model=model, optimizer_state=self.optimizer.state_bytes())
+            )
+        actions += self._publish_model()
+        actions += self._publish_round()
+        if self.phase == "decrypting" and self._request is not None:
+            self._last_request_ms = now
+            actions.append(RequestDecryption(request=self._request))
+        return actions
+
+    def _open(self, round_id: int, now: int) -> RoundRecord:
+        assert self._model is not None
+        ann = build_announcement(
+            self.plan,
+            federation=self.config.federation,
+            round_id=round_id,
+            model=self._model,
+            issued_ms=now,
+            deadline_ms=now + self.config.round_duration_ms,
+            cohort=self.config.cohort,
+            train=self.config.train,
+        )
+        record = RoundRecord(
+            round_id=round_id, phase="collecting", announcement=ann.to_bytes(), opened_ms=now
+        )
+        self._record = record
+        self._announcement = ann
+        self._acc = CiphertextAccumulator(self.public_key, self._num_ct)
+        self._accepted = {}
+        self._request = None
+        self._history[round_id] = {}
+        for old in sorted(self._history)[: -self.config.history_rounds]:
+            del self._history[old]
+        self.reassembler.discard(stream="update")
+        return record
+
+    def _publish_model(self) -> list[Action]:
+        assert self._model is not None
+        chunks = split_payload(
+            self._model.to_bytes(),
+            federation=self.config.federation,
+            stream="model",
+            sender="aggregator",
+            round_id=self._model.version,
+            max_message_size=self.config.max_message_size,
+        )
+        return [
+            Publish(topic=self.topics.model(c.index), payload=c.to_bytes(), retain=True)
+            for c in chunks
+        ]
+
+    def _publish_round(self) -> list[Action]:
+        assert self._announcement is not None
+        return [
+            Publish(topic=self.topics.round, payload=self._announcement.to_bytes(), retain=True)
+        ]
+
+    # -- updates -----------------------------------------------------------
+
+    def _reject(
+        self,
+        device_id: str | None,
+        round_id: int | None,
+        reason: str,
+        detail: str = "",
+        update: EncryptedUpdate | None = None,
+        now: int = 0,
+    ) -> list[Action]:
+        self.rejections[reason] += 1
+        self.stats["rejected"] += 1
+        actions: list[Action] = [
+            Rejected(device_id=device_id, round_id=round_id, reason=reason, detail=detail)
+        ]
+        if update is not None and device_id is not None:
+            actions.append(self._receipt(device_id, update, "rejected", now))
+        return actions
+
+    def _receipt(
+        self, device_id: str, update: EncryptedUpdate, status: str, now: int
+    ) -> SendReceipt:
+        receipt = Receipt(
+            federation=self.config.federation,
+            round_id=update.round_id,
+            device_id=device_id,
+            update_digest=update.update_digest,
+            status=status,
+            issued_ms=now,
+        )
+        return SendReceipt(topic=self.topics.ack(device_id), receipt=receipt)
+
+    def _on_message(self, event: MessageReceived) -> list[Action]:
+        parsed = parse_topic(event.topic)
+        if (
+            parsed is None
+            or parsed.federation != self.config.federation
+            or parsed.kind != "updates"
+            or parsed.device_id is None
+        ):
+            return self._reject(None, None, "topic", event.topic[:128])
+        device = parsed.device_id
+        try:
+            chunk = Chunk.from_bytes(event.payload)
+        except DecodeError as exc:
+            return self._reject(device, None, f"decode_{exc.reason}", str(exc))
+        if chunk.federation != self.config.federation:
+            return self._reject(device, chunk.round_id, "federation")
+        if chunk.stream != "update":
+            return self._reject(device, chunk.round_id, "wrong_stream")
+        if chunk.sender != device:
+            return self._reject(device, chunk.round_id, "topic_mismatch", "chunk sender")
+        try:
+            payload = self.reassembler.add(chunk)
+        except DecodeError as exc:
+            return self._reject(device, chunk.round_id, f"chunk_{exc.reason}", str(exc))
+        if payload is None:
+            return []
+        try:
+            update = EncryptedUpdate.from_bytes(payload)
+        except DecodeError as exc:
+            return self._reject(device, chunk.round_id, f"decode_{exc.reason}", str(exc))
+        return self._on_update(device, update, event.now_ms)
+
+    def _on_update(self, device: str, update: EncryptedUpdate, now: int) -> list[Action]:
+        r = update.round_id
+        if update.device_id != device:
+            # A replay of another device's update onto this device's topic.
+            return self._reject(device, r, "topic_mismatch", update.device_id, update, now)
+        if update.federation != self.config.federation:
+            return self._reject(device, r, "federation", update.federation, update, now)
+        try:
+            self.registry.verify(device, update.signing_bytes(), update.signature)
+        except InvalidSignatureError as exc:
+            reason = exc.reason if exc.reason in ("unknown_device", "revoked") else "bad_signature"
+            return self._reject(device, r, reason, "", update, now)
+        digest = update.update_digest
+        current = self.round_id
+        if r > current:
+            return self._reject(device, r, "wrong_round", f"current {current}", update, now)
+        seen = self._history.get(r, {}).get(device)
+        if seen is not None:
+            if seen == digest:
+                self.stats["duplicate"] += 1
+                return [self._receipt(device, update, "duplicate", now)]
+            return [
+                *self._reject(device, r, "equivocation", "", update, now),
+                Alert(
+                    kind="equivocation",
+                    round_id=r,
+                    device_id=device,
+                    detail=f"second update {digest.hex()[:16]} vs accepted {seen.hex()[:16]}",
+                ),
+            ]
+        if r < current or self.phase != "collecting":
+            self.stats["late"] += 1
+            return [
+                Rejected(device_id=device, round_id=r, reason="late"),
+                self._receipt(device, update, "late", now),
+            ]
+        assert self._announcement is not None
+        if not self._announcement.in_cohort(device):
+            return self._reject(device, r, "not_in_cohort", "", update, now)
+        if update.key_fingerprint != self._fingerprint:
+            return self._reject(device, r, "wrong_key", "", update, now)
+        if update.packing_digest != self._packing_digest:
+            return self._reject(device, r, "wrong_spec", "", update, now)
+        if update.privacy_digest != self._privacy_digest:
+            return self._reject(device, r, "wrong_privacy", "", update, now)
+        if update.num_params != self.plan.dimension or update.num_ciphertexts != self._num_ct:
+            detail = f"{update.num_params} params / {update.num_ciphertexts} ciphertexts"
+            return self._reject(device, r, "wrong_shape", detail, update, now)
+        if self._acc.count >= self.plan.max_contributors:
+            return self._reject(device, r, "round_full", "", update, now)
+        try:
+            vector = CiphertextVector.from_bytes(update.ciphertexts, self.public_key, self._num_ct)
+        except InvalidCiphertextError as exc:
+            return self._reject(device, r, f"ciphertext_{exc.reason}", str(exc), update, now)
+        # Every check passed: mutate.
+        self._acc.add(vector)
+        proof = update.proof()
+        self._accepted[device] = proof
+        self._history.setdefault(r, {})[device] = digest
+        self.stats["accepted"] += 1
+        actions: list[Action] = [
+            PersistAccepted(
+                round_id=r,
+                device_id=device,
+                update_digest=digest,
+                proof=proof.to_bytes(),
+                sum_blob=self._acc.value.to_bytes(),
+                count=self._acc.count,
+                at_ms=now,
+            ),
+            self._receipt(device, update, "accepted", now),
+        ]
+        if self._acc.count >= self.config.target_clients:
+            actions += self._close(now)
+        return actions
+
+    # -- closing -----------------------------------------------------------
+
+    def _close(self, now: int) -> list[Action]:
+        assert self._record is not None
+        count = self._acc.count
+        proofs = tuple(self._accepted[d] for d in sorted(self._accepted))
+        request = KeyholderRequest(
+            federation=self.config.federation,
+            round_id=self._record.round_id,
+            request_id=f"r{self._record.round_id}-n{count}",
+            packing=self.plan.packing.to_bytes(),
+            packing_digest=self._packing_digest,
+            contributors=KeyholderRequest.pack_proofs(proofs),
+            encrypted_sum=self._acc.value.to_bytes(),
+            issued_ms=now,
+        )
+        record = _replace(
+            self._record, phase="decrypting", closed_ms=now, count=count, request=request.to_bytes()
+        )
+        self._record = record
+        self._request = request
+        self._last_request_ms = now
+        log.info("round %d closed with %d contributions", record.round_id, count)
+        return [Commit(records=(record,)), RequestDecryption(request=request)]
+
+    def _fail(self, reason: str, now: int, result: bytes = b"") -> list[Action]:
+        assert self._record is not None
+        failed = _replace(
+            self._record,
+            phase="failed",
+            closed_ms=self._record.closed_ms or now,
+            count=self._acc.count,
+            result=result,
+            outcome=reason,
+        )
+        self.stats["rounds_failed"] += 1
+        self.stats[f"rounds_failed_{reason.split(':')[0]}"] += 1
+        log.warning("round %d failed: %s", failed.round_id, reason)
+        nxt = self._open(failed.round_id + 1, now)
+        return [Commit(records=(failed, nxt)), *self._publish_round()]
+
+    def _on_tick(self, now: int) -> list[Action]:
+        if self.finished or self._record is None:
+            return []
+        if self.phase == "collecting" and now >= self._record_deadline():
+            if self._acc.count >= self.config.min_clients:
+                return self._close(now)
+            return self._fail("quorum", now)
+        if (
+            self.phase == "decrypting"
+            and self._request is not None
+            and now - self._last_request_ms >= self.config.keyholder_retry_ms
+        ):
+            self._last_request_ms = now
+            return [RequestDecryption(request=self._request)]
+        return []
+
+    def _record_deadline(self) -> int:
+        assert self._announcement is not None
+        return self._announcement.deadline_ms
+
+    def _on_result(self, result: KeyholderResult, now: int) -> list[Action]:
+        request = self._request
+        if (
+            self.phase != "decrypting"
+            or request is None
+            or result.round_id != request.round_id
+            or result.request_id != request.request_id
+            or result.federation != self.config.federation
+        ):
+            return [
+                Rejected(device_id=None, round_id=result.round_id, reason="stale_keyholder_result")
+            ]
+        try:
+            self.keyholder.verify(result)
+        except InvalidSignatureError:
+            return [
+                Rejected(device_id=None, round_id=result.round_id, reason="keyholder_signature"),
+                Alert(kind="keyholder_signature", round_id=result.round_id),
+            ]
+        count = self._acc.count
+        blob = result.to_bytes()
+        if result.status != "ok":
+            reason = result.status if result.status == "overflow" else f"refused:{result.reason}"
+            return [
+                Alert(
+                    kind=f"keyholder_{result.status}",
+                    round_id=result.round_id,
+                    detail=result.reason,
+                ),
+                *self._fail(reason, now, blob),
+            ]
+        if result.count != count or len(result.aggregate) != 8 * self.plan.dimension:
+            return [
+                Alert(kind="bad_keyholder_result", round_id=result.round_id),
+                *self._fail("bad_result", now, blob),
+            ]
+        assert self._model is not None and self._record is not None
+        ints = np.frombuffer(result.aggregate, dtype="<i8")
+        delta = mean_delta(
+            ints,
+            scale=self.plan.packing.scale,
+            count=count,
+            fixed_denominator=self.config.fixed_denominator,
+        )
+        old = np.frombuffer(self._model.weights, dtype="<f4").astype(np.float64)
+        state_before = self.optimizer.state_bytes()
+        new = self.optimizer.step(old, delta).astype("<f4")
+        if not np.all(np.isfinite(new)):
+            self.optimizer.load_state(state_before)
+            return [
+                Alert(kind="non_finite_model", round_id=result.round_id),
+                *self._fail("non_finite", now, blob),
+            ]
+        weights = new.tobytes()
+        version = self._model.version + 1
+        model = GlobalModel(
+            federation=self.config.federation,
+            version=version,
+            round_id=self._record.round_id,
+            parent_digest=self._model.digest,
+            digest=model_digest(version, self._model.digest, weights),
+            num_params=self.plan.dimension,
+            weights=weights,
+            created_ms=now,
+        )
+        done = _replace(self._record, phase="done", result=blob, outcome="ok")
+        self._model = model
+        self.stats["rounds_completed"] += 1
+        log.info("round %d done: model version %d", done.round_id, version)
+        if self.config.rounds and version >= self.config.rounds:
+            self.finished = True
+            self._record = done
+            return [
+                Commit(records=(done,), model=model, optimizer_state=self.optimizer.state_bytes()),
+                *self._publish_model(),
+            ]
+        nxt = self._open(done.round_id + 1, now)
+        return [
+            Commit(records=(done, nxt), model=model, optimizer_state=self.optimizer.state_bytes()),
+            *self._publish_model(),
+            *self._publish_round(),
+        ]
+
+
+def _replace(record: RoundRecord, **changes: Any) -> RoundRecord:
+    fields = {
+        name: getattr(record, name)
+        for name in (
+            "round_id",
+            "phase",
+            "announcement",
+            "opened_ms",
+            "closed_ms",
+            "count",
+            "request",
+            "result",
+            "outcome",
+        )
+    }
+    fields.update(changes)
+    return RoundRecord(**fields)
