@@ -317,7 +317,9 @@ def decode_any(payload: bytes, *, max_size: int | None = None) -> Message:
             max_map_len=min(len(payload), 1_000),
         )
     except Exception as exc:  # msgpack raises many types for bad input
-        raise DecodeError(f"not valid msgpack: {exc}", reason="malformed") from None
+        raise DecodeError(
+            f"not valid msgpack: {type(exc).__name__}: {exc}", reason="malformed"
+        ) from None
     if type(obj) is not tuple or len(obj) != 4:
         raise DecodeError("a message is a 4-element array", reason="structure")
     version, kind, body, check = obj
