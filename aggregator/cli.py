@@ -1,0 +1,71 @@
+"""``edgefl aggregator``: run the aggregator service, or write an example config."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+
+from edge_sdk.errors import ConfigError
+
+__all__ = ["register"]
+
+log = logging.getLogger("edgefl.aggregator")
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    """Add ``serve`` and ``init``."""
+    sub = parser.add_subparsers(dest="aggregator_command", metavar="ACTION")
+    serve = sub.add_parser("serve", help="run rounds until stopped (or the rounds are done)")
+    serve.add_argument("--config", required=True, help="aggregator.toml")
+    serve.add_argument(
+        "--exit-when-done", action="store_true", help="exit after the configured rounds"
+    )
+    serve.set_defaults(func=_serve)
+    init = sub.add_parser("init", help="write an example aggregator.toml")
+    init.add_argument("path", nargs="?", default="aggregator.toml")
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
+    init.set_defaults(func=_init)
+
+
+def _init(args: argparse.Namespace) -> int:
+    from aggregator.config import EXAMPLE
+
+    target = Path(args.path)
+    if target.exists() and not args.force:
+        raise ConfigError(f"{target} exists; use --force to overwrite")
+    target.write_text(EXAMPLE, encoding="utf-8")
+    print(f"wrote {target}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from aggregator.config import build_aggregator, load_config
+
+    cfg = load_config(args.config)
+    service = build_aggregator(cfg)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    tick = float(cfg.aggregator.get("tick_s", 0.2))
+    service.start()
+    print(
+        f"aggregator serving federation {service.machine.config.federation}: "
+        f"round {service.machine.round_id} ({service.machine.phase})",
+        flush=True,
+    )
+    try:
+        while not stop.is_set():
+            service.pump(timeout=tick)
+            if args.exit_when_done and service.machine.finished:
+                break
+    finally:
+        service.close()
+    return 0

@@ -1,0 +1,307 @@
+"""``aggregator.toml``: settings of the aggregator and the key holder, and the builders.
+
+Paths are relative to the config file's folder. Unknown keys are refused so a
+typo is not silently ignored. See :data:`EXAMPLE` (``edgefl aggregator init``).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge_sdk.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["EXAMPLE", "ServiceConfig", "build_aggregator", "build_keyholder", "load_config"]
+
+EXAMPLE = """\
+# edgefl aggregator configuration (paths are relative to this file)
+
+[aggregator]
+federation = "demo"
+store = "aggregator.db"              # SQLite (WAL); back it up with `sqlite3 .backup`
+public_key = "paillier.pub.json"     # the federation's Paillier PUBLIC key
+registry = "registry.json"           # enrolled devices (Ed25519 public keys)
+dimension = 7850                     # model parameters
+initial_model = ""                   # .npy float32 vector; zeros when empty
+min_clients = 10                     # quorum (the key holder enforces its own too)
+target_clients = 50                  # close the round as soon as this many arrived
+max_contributors = 1000              # packing headroom: most updates in one sum
+round_duration_s = 300               # deadline after the announcement
+rounds = 0                           # successful rounds to run; 0 = forever
+value_bits = 16
+clip = 1.0                           # L2 clip of a device delta
+cohort = []                          # device ids; empty = every enrolled device
+fixed_denominator = 0                # DP-FedAvg: divide by this instead of the count
+metrics_port = 0                     # Prometheus endpoint (needs prometheus-client)
+tick_s = 0.2
+
+[aggregator.optimizer]
+name = "fedavg"                      # fedavg | fedavgm | fedadam
+lr = 1.0
+
+[aggregator.train]                   # announced to devices as (key, value) pairs
+epochs = 1
+batch_size = 32
+lr = 0.05
+
+# Optional: device-side DP noise (omit for HE-only rounds)
+# [aggregator.privacy]
+# mode = "distributed"
+# epsilon = 8.0
+# delta = 1e-6
+# rounds = 100
+# min_clients = 10
+
+[keyholder]
+mode = "inprocess"                   # inprocess | remote
+secret_key = "paillier.key.json"     # inprocess, or for `edgefl keyholder serve`
+passphrase_file = ""                 # else $EDGEFL_KEY_PASSPHRASE
+identity = "keyholder.key"           # Ed25519 key that signs results (created if missing)
+identity_public = ""                 # remote mode: hex public key the aggregator trusts
+min_clients = 10
+state = "keyholder-state.json"       # rounds answered (never plaintexts)
+
+[transport]
+url = "mqtt://127.0.0.1:1883"
+client_id = "edgefl-aggregator"      # fixed: the broker keeps the session across restarts
+clean_start = false
+session_expiry_s = 86400
+manual_ack = true
+"""
+
+_AGG_KEYS = {
+    "federation",
+    "store",
+    "public_key",
+    "registry",
+    "dimension",
+    "initial_model",
+    "min_clients",
+    "target_clients",
+    "max_contributors",
+    "round_duration_s",
+    "rounds",
+    "value_bits",
+    "clip",
+    "cohort",
+    "fixed_denominator",
+    "metrics_port",
+    "tick_s",
+    "optimizer",
+    "train",
+    "privacy",
+    "keyholder_retry_s",
+}
+_KH_KEYS = {
+    "mode",
+    "secret_key",
+    "passphrase_file",
+    "identity",
+    "identity_public",
+    "min_clients",
+    "state",
+    "allow_unencrypted_key",
+    "client_id",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    """The parsed file: its folder and its three tables."""
+
+    base: Path
+    aggregator: dict[str, Any]
+    keyholder: dict[str, Any]
+    transport: dict[str, Any]
+
+    def path(self, value: str) -> Path:
+        """Resolve a path relative to the config file."""
+        p = Path(value)
+        return p if p.is_absolute() else self.base / p
+
+
+def _check(table: Mapping[str, Any], known: set[str], name: str) -> dict[str, Any]:
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"[{name}] must be a table")
+    unknown = set(table) - known
+    if unknown:
+        raise ConfigError(f"unknown [{name}] settings: {', '.join(sorted(unknown))}")
+    return dict(table)
+
+
+def load_config(path: str | Path) -> ServiceConfig:
+    """Read and check ``aggregator.toml``.
+
+    Raises:
+        ConfigError: missing file, bad TOML or unknown keys.
+    """
+    p = Path(path)
+    try:
+        doc = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
+    unknown = set(doc) - {"aggregator", "keyholder", "transport"}
+    if unknown:
+        raise ConfigError(f"{p}: unknown tables {sorted(unknown)}")
+    agg = _check(doc.get("aggregator", {}), _AGG_KEYS, "aggregator")
+    for key in ("federation", "dimension", "min_clients"):
+        if key not in agg:
+            raise ConfigError(f"{p}: [aggregator] needs {key}")
+    kh = _check(doc.get("keyholder", {}), _KH_KEYS, "keyholder")
+    return ServiceConfig(p.resolve().parent, agg, kh, dict(doc.get("transport", {})))
+
+
+def _identity(cfg: ServiceConfig) -> Any:
+    from edge_sdk.identity import DeviceIdentity
+
+    path = cfg.path(str(cfg.keyholder.get("identity", "keyholder.key")))
+    if path.exists():
+        return DeviceIdentity.load(path)
+    ident = DeviceIdentity.generate("keyholder")
+    ident.save(path)
+    return ident
+
+
+def build_keyholder(cfg: ServiceConfig) -> Any:
+    """The key holder of this config (loads the secret key: key holder side only)."""
+    from aggregator.keyholder import KeyHolder
+    from edge_sdk.crypto import load_private_key, read_passphrase
+    from edge_sdk.identity import DeviceRegistry
+
+    kh = cfg.keyholder
+    agg = cfg.aggregator
+    passfile = kh.get("passphrase_file") or None
+    passphrase = read_passphrase(cfg.path(passfile) if passfile else None)
+    secret = load_private_key(
+        cfg.path(str(kh.get("secret_key", "paillier.key.json"))),
+        passphrase=passphrase,
+        allow_unencrypted=bool(kh.get("allow_unencrypted_key", False)),
+    )
+    registry = DeviceRegistry.load(cfg.path(str(agg.get("registry", "registry.json"))))
+    return KeyHolder(
+        secret,
+        registry,
+        federation=str(agg["federation"]),
+        min_clients=int(kh.get("min_clients", agg["min_clients"])),
+        identity=_identity(cfg),
+    )
+
+
+def build_aggregator(cfg: ServiceConfig, *, transport: Any = None) -> Any:
+    """Build the :class:`~aggregator.service.AggregatorService` of this config."""
+    import numpy as np
+
+    from aggregator.keyholder import KeyholderVerifier
+    from aggregator.metrics import Metrics
+    from aggregator.optimizers import make_optimizer
+    from aggregator.planning import plan_rounds
+    from aggregator.rounds import RoundConfig, RoundMachine
+    from aggregator.service import AggregatorService, CrashHook
+    from aggregator.store import AggregatorStore
+    from edge_sdk.crypto import load_public_key
+    from edge_sdk.identity import DeviceRegistry
+    from edge_sdk.privacy import DPPolicy
+
+    agg = cfg.aggregator
+    federation = str(agg["federation"])
+    dimension = int(agg["dimension"])
+    min_clients = int(agg["min_clients"])
+    target = int(agg.get("target_clients", min_clients))
+    max_contributors = int(agg.get("max_contributors", max(1000, target)))
+    public_key = load_public_key(cfg.path(str(agg.get("public_key", "paillier.pub.json"))))
+    registry = DeviceRegistry.load(cfg.path(str(agg.get("registry", "registry.json"))))
+    policy = None
+    if agg.get("privacy"):
+        try:
+            policy = DPPolicy(**dict(agg["privacy"]))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"[aggregator.privacy]: {exc}") from None
+    plan = plan_rounds(
+        public_key,
+        dimension=dimension,
+        max_contributors=max_contributors,
+        min_clients=min_clients,
+        clip=float(agg.get("clip", 1.0)),
+        value_bits=int(agg.get("value_bits", 16)),
+        policy=policy,
+    )
+    optimizer_settings = dict(agg.get("optimizer", {}))
+    fixed = int(agg.get("fixed_denominator", 0)) or None
+    try:
+        round_config = RoundConfig(
+            federation=federation,
+            min_clients=min_clients,
+            target_clients=target,
+            round_duration_ms=int(float(agg.get("round_duration_s", 300)) * 1000),
+            rounds=int(agg.get("rounds", 0)),
+            cohort=tuple(agg.get("cohort", ())),
+            train=tuple(sorted(dict(agg.get("train", {})).items())),
+            fixed_denominator=fixed,
+            keyholder_retry_ms=int(float(agg.get("keyholder_retry_s", 30)) * 1000),
+        )
+    except ValueError as exc:
+        raise ConfigError(f"[aggregator]: {exc}") from None
+    initial_path = str(agg.get("initial_model", ""))
+    if initial_path:
+        weights = np.load(cfg.path(initial_path)).astype(np.float32).reshape(-1)
+    else:
+        weights = np.zeros(dimension, dtype=np.float32)
+    mode = str(cfg.keyholder.get("mode", "inprocess"))
+    if mode not in ("inprocess", "remote"):
+        raise ConfigError(f"[keyholder] mode must be inprocess or remote, got {mode!r}")
+    keyholder = build_keyholder(cfg) if mode == "inprocess" else None
+    trusted: bytes | None
+    if keyholder is not None:
+        trusted = keyholder.identity.public_key_bytes
+    else:
+        hex_key = str(cfg.keyholder.get("identity_public", ""))
+        if not hex_key:
+            raise ConfigError("[keyholder] remote mode needs identity_public (hex)")
+        trusted = bytes.fromhex(hex_key)
+    machine = RoundMachine(
+        round_config,
+        plan,
+        registry,
+        make_optimizer(optimizer_settings),
+        initial_weights=weights,
+        keyholder=KeyholderVerifier(trusted),
+    )
+    store = AggregatorStore(
+        cfg.path(str(agg.get("store", "aggregator.db"))),
+        federation=federation,
+        key_fingerprint=public_key.fingerprint,
+    )
+    if transport is None:
+        transport = make_transport(cfg.transport, default_client_id="edgefl-aggregator")
+    return AggregatorService(
+        machine,
+        store,
+        transport,
+        keyholder=keyholder,
+        metrics=Metrics(enabled=True, port=int(agg.get("metrics_port", 0))),
+        crash=CrashHook(),
+    )
+
+
+def make_transport(settings: Mapping[str, Any], *, default_client_id: str) -> Any:
+    """An MQTT transport with durable-subscriber defaults (fixed id, resumed session)."""
+    from edge_sdk.transport import MqttTransport, TransportConfig
+
+    values = {
+        "client_id": default_client_id,
+        "clean_start": False,
+        "session_expiry_s": 86_400,
+        "manual_ack": True,
+        **dict(settings),
+    }
+    return MqttTransport(TransportConfig.from_dict(values))

@@ -1,0 +1,337 @@
+"""The aggregator service: the round machine wired to a store, a transport and a key holder.
+
+Durability contract (see docs/operations.md):
+
+* inbound updates arrive on a durable MQTT session (fixed client id,
+  ``clean_start=False``, session expiry, ``manual_ack=True``); a message is
+  acknowledged to the broker only after every action it caused ran, so the
+  accepted row and the running sum are committed before the PUBACK; a
+  crash before that makes the broker redeliver it;
+* a chunk that does not complete an update is acknowledged at once (it is
+  only held in memory; devices resend until they get a receipt);
+* on every start and every reconnect the retained round announcement and
+  global model are re-published from the store (broker persistence is a
+  periodic snapshot and can lose them).
+
+Handlers run on the transport's thread and only enqueue; the machine, the
+store and the in-process key holder are driven from :meth:`AggregatorService.pump`
+on one thread.
+
+Test hook: ``EDGEFL_CRASH_AT=<point>:<n>`` (comma-separated list allowed)
+kills the process with SIGKILL the ``n``-th time it reaches ``point``. Points:
+``accept_before_commit``, ``accept_after_commit``, ``close_before_commit``,
+``close_after_commit``, ``result_before_commit``, ``result_after_commit``,
+``fail_after_commit``, ``before_decrypt``, ``after_decrypt``, ``after_start``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aggregator.keyholder import KeyHolder
+from aggregator.metrics import Metrics
+from aggregator.rounds import (
+    Action,
+    Alert,
+    Commit,
+    Event,
+    KeyholderAnswered,
+    MessageReceived,
+    PersistAccepted,
+    Publish,
+    Rejected,
+    RequestDecryption,
+    RoundMachine,
+    SendReceipt,
+    Start,
+    Tick,
+)
+from aggregator.store import AggregatorStore
+from edge_sdk.errors import DecodeError
+from edge_sdk.protocol import (
+    Chunk,
+    KeyholderResult,
+    Reassembler,
+    Topics,
+    split_payload,
+)
+from edge_sdk.transport import InboundMessage, Transport, TransportError
+
+__all__ = ["CRASH_ENV", "AggregatorService", "CrashHook"]
+
+log = logging.getLogger("edgefl.aggregator")
+
+CRASH_ENV = "EDGEFL_CRASH_AT"
+
+
+class CrashHook:
+    """Kills the process at a named point (tests of crash safety only).
+
+    Args:
+        spec: ``point:n[,point:n...]``; None reads ``$EDGEFL_CRASH_AT``.
+    """
+
+    def __init__(self, spec: str | None = None) -> None:
+        """Parse the spec (empty: never crash)."""
+        text = os.environ.get(CRASH_ENV, "") if spec is None else spec
+        self._left: dict[str, int] = {}
+        for item in filter(None, (p.strip() for p in text.split(","))):
+            point, _, n = item.partition(":")
+            self._left[point] = int(n or "1")
+
+    def hit(self, point: str) -> None:
+        """Count a visit to ``point``; SIGKILL ourselves on the configured visit."""
+        if point not in self._left:
+            return
+        self._left[point] -= 1
+        if self._left[point] <= 0:
+            log.warning("crash hook: SIGKILL at %s", point)
+            logging.shutdown()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _commit_kind(action: Commit) -> str:
+    last = action.records[-1]
+    if action.model is not None and action.model.version == 0:
+        return "init"
+    if last.phase == "decrypting":
+        return "close"
+    if action.model is not None:
+        return "result"
+    return "fail"
+
+
+class AggregatorService:
+    """Runs the round machine over a transport.
+
+    Args:
+        machine: the round machine (restored from the store by :meth:`start`).
+        store: the durable store.
+        transport: any :class:`~edge_sdk.transport.Transport` (manual acks).
+        keyholder: an in-process key holder; None means a remote one reached
+            over ``keyholder/request`` and ``keyholder/result``.
+        metrics: Prometheus metrics (no-op when prometheus-client is absent).
+        clock_ms: wall clock in milliseconds (injected for tests).
+        crash: crash hook (tests).
+    """
+
+    def __init__(
+        self,
+        machine: RoundMachine,
+        store: AggregatorStore,
+        transport: Transport,
+        *,
+        keyholder: KeyHolder | None = None,
+        metrics: Metrics | None = None,
+        clock_ms: Callable[[], int] | None = None,
+        crash: CrashHook | None = None,
+    ) -> None:
+        """Create the service (no I/O until :meth:`start`)."""
+        self.machine = machine
+        self.store = store
+        self.transport = transport
+        self.keyholder = keyholder
+        self.metrics = metrics or Metrics(enabled=False)
+        self.clock_ms = clock_ms or (lambda: int(time.time() * 1000))
+        self.crash = crash or CrashHook("")
+        self.topics = Topics(machine.config.federation)
+        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._kh_reassembler = Reassembler(max_payload_size=1 << 30, max_pending=8)
+        self._started = False
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self, *, connect_timeout: float | None = 30.0) -> None:
+        """Restore from the store, subscribe, connect and re-publish retained state."""
+        snapshot = self.store.load_snapshot(self.machine.config.history_rounds)
+        if snapshot is not None:
+            self.machine.restore(snapshot)
+            log.info(
+                "resumed round %d (%s) with %d updates",
+                snapshot.current.round_id,
+                snapshot.current.phase,
+                snapshot.count,
+            )
+        self.transport.subscribe(self.topics.updates_filter, self._on_message, qos=1)
+        if self.keyholder is None:
+            self.transport.subscribe(self.topics.keyholder_result, self._on_kh_message, qos=1)
+        self.transport.on_connection_change(self._on_connection)
+        self.transport.connect(timeout=connect_timeout)
+        self._started = True
+        self.feed(Start(now_ms=self.clock_ms()))
+        self.crash.hit("after_start")
+
+    def close(self) -> None:
+        """Disconnect and close the store."""
+        try:
+            self.transport.flush(timeout=5.0)
+            self.transport.close()
+        finally:
+            self.store.close()
+
+    # -- transport callbacks (transport thread: enqueue only) -------------------
+
+    def _on_message(self, message: InboundMessage) -> None:
+        self._queue.put(("update", message))
+
+    def _on_kh_message(self, message: InboundMessage) -> None:
+        self._queue.put(("keyholder", message))
+
+    def _on_connection(self, event: Any) -> None:
+        if getattr(event, "connected", False):
+            self._queue.put(("reconnected", None))
+
+    # -- the loop ----------------------------------------------------------------
+
+    def pump(self, timeout: float = 0.0) -> int:
+        """Process queued messages (waiting up to ``timeout`` for the first), then tick.
+
+        Returns:
+            The number of queued items processed.
+        """
+        done = 0
+        try:
+            item = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+        except queue.Empty:
+            item = None
+        while item is not None:
+            self._process(*item)
+            done += 1
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                item = None
+        self.feed(Tick(now_ms=self.clock_ms()))
+        self.store.flush_rejections()
+        return done
+
+    def serve_forever(self, stop: threading.Event, *, tick_s: float = 0.2) -> None:
+        """Pump until ``stop`` is set."""
+        while not stop.is_set():
+            self.pump(timeout=tick_s)
+
+    def _process(self, kind: str, message: InboundMessage | None) -> None:
+        if kind == "reconnected":
+            if self._started:
+                log.info("reconnected: re-publishing the retained round and model")
+                self.feed(Start(now_ms=self.clock_ms()))
+            return
+        assert message is not None
+        if kind == "update":
+            self.feed(
+                MessageReceived(
+                    topic=message.topic, payload=message.payload, now_ms=self.clock_ms()
+                )
+            )
+        elif kind == "keyholder":
+            self._keyholder_message(message)
+        message.ack()
+
+    def _keyholder_message(self, message: InboundMessage) -> None:
+        try:
+            chunk = Chunk.from_bytes(message.payload)
+            if chunk.sender != "keyholder":
+                raise DecodeError("result chunk not from the key holder", reason="sender")
+            payload = self._kh_reassembler.add(chunk)
+            if payload is None:
+                return
+            result = KeyholderResult.from_bytes(payload)
+        except DecodeError as exc:
+            log.warning("bad key holder message: %s", exc)
+            self.metrics.rejection(f"keyholder_{exc.reason}")
+            return
+        self.feed(KeyholderAnswered(result=result, now_ms=self.clock_ms()))
+
+    # -- actions -------------------------------------------------------------------
+
+    def feed(self, event: Event) -> None:
+        """Run one event through the machine and execute its actions in order."""
+        self._execute(self.machine.handle(event))
+
+    def _execute(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, PersistAccepted):
+                self.crash.hit("accept_before_commit")
+                self.store.persist_accepted(action)
+                self.crash.hit("accept_after_commit")
+                self.metrics.accepted(action.count)
+            elif isinstance(action, Commit):
+                kind = _commit_kind(action)
+                self.crash.hit(f"{kind}_before_commit")
+                self.store.commit(action)
+                self.crash.hit(f"{kind}_after_commit")
+                self._after_commit(action)
+            elif isinstance(action, Publish):
+                self._publish(action.topic, action.payload, retain=action.retain)
+            elif isinstance(action, SendReceipt):
+                self.metrics.receipt(action.receipt.status)
+                self._publish(action.topic, action.receipt.to_bytes(), retain=False)
+            elif isinstance(action, Rejected):
+                self.metrics.rejection(action.reason)
+                if action.reason != "late":
+                    self.store.count_rejection(action.round_id, action.reason)
+                log.info(
+                    "rejected update: device=%s round=%s reason=%s %s",
+                    action.device_id,
+                    action.round_id,
+                    action.reason,
+                    action.detail,
+                )
+            elif isinstance(action, Alert):
+                self.metrics.alert(action.kind)
+                log.error(
+                    "ALERT %s: round=%s device=%s %s",
+                    action.kind,
+                    action.round_id,
+                    action.device_id,
+                    action.detail,
+                )
+            elif isinstance(action, RequestDecryption):
+                self._request_decryption(action)
+
+    def _after_commit(self, action: Commit) -> None:
+        for rec in action.records:
+            if rec.phase in ("done", "failed"):
+                self.metrics.round_finished(rec.outcome or rec.phase)
+        self.metrics.state(
+            round_id=self.machine.round_id,
+            contributors=self.machine.count,
+            model_version=self.machine.model.version if self.machine.model else 0,
+        )
+
+    def _request_decryption(self, action: RequestDecryption) -> None:
+        self.crash.hit("before_decrypt")
+        request = action.request
+        if self.keyholder is not None:
+            started = time.perf_counter()
+            result = self.keyholder.handle(request)
+            self.metrics.decrypt_seconds(time.perf_counter() - started)
+            self.crash.hit("after_decrypt")
+            self.feed(KeyholderAnswered(result=result, now_ms=self.clock_ms()))
+            return
+        size = self.transport.max_payload_size(self.topics.keyholder_request)
+        for chunk in split_payload(
+            request.to_bytes(),
+            federation=request.federation,
+            stream="update",
+            sender="aggregator",
+            round_id=request.round_id,
+            max_message_size=max(size, 4096),
+        ):
+            self._publish(self.topics.keyholder_request, chunk.to_bytes(), retain=False)
+
+    def _publish(self, topic: str, payload: bytes, *, retain: bool) -> None:
+        try:
+            self.transport.publish(topic, payload, qos=1, retain=retain)
+        except TransportError as exc:
+            # Receipts are re-sent when the device retries; retained state is
+            # re-published on reconnect; key holder requests are retried.
+            log.warning("publish to %s failed: %s", topic, exc)
+            self.metrics.publish_failed()
