@@ -59,6 +59,55 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_acl(args: argparse.Namespace) -> int:
+    from edge_sdk.cli import emit
+    from edge_sdk.errors import ConfigError
+    from firmware_sim.acl import generate_broker_auth, load_credentials, read_device_ids
+
+    if args.devices is not None and args.devices_file is not None:
+        raise ConfigError("give --devices or --devices-file, not both")
+    if args.devices is not None:
+        devices = [d.strip() for d in args.devices.split(",") if d.strip()]
+    elif args.devices_file is not None:
+        devices = read_device_ids(args.devices_file)
+    else:
+        raise ConfigError("give the devices: --devices d1,d2 or --devices-file FILE")
+    if not devices:
+        raise ConfigError("the device list is empty")
+    keep = None
+    if args.reuse is not None:
+        keep = load_credentials(args.reuse, federation=args.federation)
+    auth = generate_broker_auth(
+        args.federation,
+        devices,
+        aggregator_user=args.aggregator_user,
+        keyholder_user=args.keyholder_user,
+        passwords=keep,
+    )
+    files = auth.write(args.out)
+    kept = sorted(set(keep or {}) & set(auth.roles))
+    result = {
+        "federation": args.federation,
+        "devices": len(devices),
+        "users": sorted(auth.roles),
+        "passwords_kept": kept,
+        "password_file": str(files.password_file),
+        "acl_file": str(files.acl_file),
+        "credentials_file": str(files.credentials_file),
+    }
+    text = (
+        f"federation {args.federation}: {len(devices)} devices + aggregator + key holder\n"
+        f"password file:    {files.password_file} (0600)\n"
+        f"ACL file:         {files.acl_file}\n"
+        f"credentials:      {files.credentials_file} (0600; plaintext passwords for "
+        "provisioning, keep it secret)\n"
+        "apply: mosquitto's password_file/acl_file, then SIGHUP (or edgefl broker run "
+        "--password-file ... --acl-file ...)"
+    )
+    emit(result, as_json=args.json, text=text)
+    return EXIT_OK
+
+
 def register(parser: argparse.ArgumentParser) -> None:
     """Add the ``broker`` subcommands to ``parser``."""
     sub = parser.add_subparsers(dest="broker_command", metavar="SUBCOMMAND")
@@ -84,3 +133,26 @@ def register(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--acl-file", type=Path, help="Mosquitto ACL file")
     run.add_argument("--json", action="store_true", help="print the broker's address as JSON")
     run.set_defaults(func=_cmd_run)
+
+    acl = sub.add_parser(
+        "acl",
+        help="generate Mosquitto password and ACL files for a federation",
+        description="Write passwd (Mosquitto $7$ hashes, 0600), acl and credentials.json "
+        "(plaintext passwords for provisioning, 0600) into --out. Each device may write "
+        "only its own updates/ and status/ topics and read the model, the round and its "
+        "own ack/ topic. Re-run with --reuse to keep existing passwords when devices "
+        "are added or removed, then reload Mosquitto (SIGHUP).",
+    )
+    acl.add_argument("--federation", required=True, help="federation name ([A-Za-z0-9_-])")
+    acl.add_argument("--devices", help="comma-separated device ids")
+    acl.add_argument("--devices-file", type=Path, help="file with one device id per line")
+    acl.add_argument("--out", type=Path, required=True, help="output folder")
+    acl.add_argument("--aggregator-user", default="aggregator", help="aggregator broker user")
+    acl.add_argument("--keyholder-user", default="keyholder", help="key holder broker user")
+    acl.add_argument(
+        "--reuse",
+        type=Path,
+        help="an earlier credentials.json: keep the passwords of users still listed",
+    )
+    acl.add_argument("--json", action="store_true", help="print the result as JSON")
+    acl.set_defaults(func=_cmd_acl)

@@ -200,6 +200,8 @@ class MqttTransport:
         """Successful CONNACKs so far."""
         self.dropped_oversize = 0
         """Inbound messages dropped because they exceeded ``max_message_size``."""
+        self.refused_publishes = 0
+        """QoS 1 publishes the broker answered with a failure PUBACK (MQTT 5), e.g. ACL."""
         self._client = self._make_client(scheme == "mqtts")
 
     # ------------------------------------------------------------------ set-up
@@ -628,8 +630,14 @@ class MqttTransport:
         reason: ReasonCode,
         properties: Properties | None,
     ) -> None:
+        refused = reason.is_failure
         with self._cond:
+            if refused:
+                self.refused_publishes += 1
             self._cond.notify_all()
+        if refused:
+            # MQTT 5 only: e.g. Mosquitto answers 0x87 for a publish its ACL denies
+            log.warning("%s: broker refused publish mid %d: %s", self.client_id, mid, _name(reason))
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
