@@ -730,6 +730,9 @@ class RoundMachine:
     def _on_tick(self, now: int) -> list[Action]:
         if self.finished or self._record is None:
             return []
+        if self.phase == "collecting" and self._acc.count >= self.config.target_clients:
+            # restored after a crash between the last accept and the close
+            return self._close(now)
         if self.phase == "collecting" and now >= self._record_deadline():
             if self._acc.count >= self.config.min_clients:
                 return self._close(now)
