@@ -77,6 +77,7 @@ log = logging.getLogger("edge_sdk.transport")
 # a connection that is refused or dropped right away keeps growing it, so a
 # flapping link (e.g. kicked by an ACL) does not reconnect in a tight loop.
 _STABLE_AFTER_S = 10.0
+_FLUSH_POLL_S = 0.02
 
 
 class _QuietAfterClose(logging.Filter):
@@ -437,11 +438,19 @@ class MqttTransport:
         Returns:
             True when all are acknowledged, False when ``timeout`` passed first.
         """
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            done = self._cond.wait_for(lambda: all(_published(i) for i in self._unacked), timeout)
-            if done:
-                self._unacked.clear()
-            return done
+            while True:
+                self._unacked = [i for i in self._unacked if not _published(i)]
+                if not self._unacked:
+                    return True
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                # paho calls on_publish (our wake-up) just BEFORE it marks the
+                # message published, so a notification alone can be lost: poll too.
+                step = _FLUSH_POLL_S if remaining is None else min(_FLUSH_POLL_S, remaining)
+                self._cond.wait(step)
 
     def subscribe(
         self,
