@@ -27,7 +27,7 @@ EXAMPLE = """\
 [aggregator]
 federation = "demo"
 store = "aggregator.db"              # SQLite (WAL); back it up with `sqlite3 .backup`
-public_key = "paillier.pub.json"     # the federation's Paillier PUBLIC key
+public_key = "keys/paillier_public.json"     # the federation's Paillier PUBLIC key
 registry = "registry.json"           # enrolled devices (Ed25519 public keys)
 dimension = 7850                     # model parameters
 initial_model = ""                   # .npy float32 vector; zeros when empty
@@ -62,7 +62,7 @@ lr = 0.05
 
 [keyholder]
 mode = "inprocess"                   # inprocess | remote
-secret_key = "paillier.key.json"     # inprocess, or for `edgefl keyholder serve`
+secret_key = "keys/paillier_secret.json"     # inprocess, or for `edgefl keyholder serve`
 passphrase_file = ""                 # else $EDGEFL_KEY_PASSPHRASE
 identity = "keyholder.key"           # Ed25519 key that signs results (created if missing)
 identity_public = ""                 # remote mode: hex public key the aggregator trusts
@@ -183,7 +183,7 @@ def build_keyholder(cfg: ServiceConfig) -> Any:
     passfile = kh.get("passphrase_file") or None
     passphrase = read_passphrase(cfg.path(passfile) if passfile else None)
     secret = load_private_key(
-        cfg.path(str(kh.get("secret_key", "paillier.key.json"))),
+        cfg.path(str(kh.get("secret_key", "keys/paillier_secret.json"))),
         passphrase=passphrase,
         allow_unencrypted=bool(kh.get("allow_unencrypted_key", False)),
     )
@@ -218,7 +218,7 @@ def build_aggregator(cfg: ServiceConfig, *, transport: Any = None) -> Any:
     min_clients = int(agg["min_clients"])
     target = int(agg.get("target_clients", min_clients))
     max_contributors = int(agg.get("max_contributors", max(1000, target)))
-    public_key = load_public_key(cfg.path(str(agg.get("public_key", "paillier.pub.json"))))
+    public_key = load_public_key(cfg.path(str(agg.get("public_key", "keys/paillier_public.json"))))
     registry = DeviceRegistry.load(cfg.path(str(agg.get("registry", "registry.json"))))
     policy = None
     if agg.get("privacy"):

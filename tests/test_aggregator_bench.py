@@ -1,0 +1,35 @@
+"""`edgefl bench aggregator --quick` runs and reports every figure."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from edge_sdk.cli import main
+
+
+def test_bench_quick_reports_figures(tmp_path: Path) -> None:
+    out = tmp_path / "agg.json"
+    assert main(["bench", "aggregator", "--json", str(out), "--quick"]) == 0
+    data = json.loads(out.read_text())
+    for key in (
+        "updates_per_s",
+        "adds_per_s_per_core",
+        "raw_mulmod_per_s",
+        "speedup_2_cores",
+        "round_s",
+        "synthetic",
+    ):
+        assert key in data, key
+    assert data["updates_per_s"] > 0 and data["raw_mulmod_per_s"] > 0
+    assert set(data["targets"]) == {"adds_per_core_vs_raw_mulmod", "speedup_2_cores", "round_s"}
+
+
+def test_aggregator_init_writes_a_loadable_config(tmp_path: Path) -> None:
+    from aggregator.config import load_config
+
+    target = tmp_path / "aggregator.toml"
+    assert main(["aggregator", "init", str(target)]) == 0
+    cfg = load_config(target)
+    assert cfg.aggregator["federation"] == "demo" and cfg.transport["clean_start"] is False
+    assert main(["aggregator", "init", str(target)]) == 2  # refuses to overwrite
