@@ -115,7 +115,7 @@ def test_durable_311_session_needs_no_expiry() -> None:
 
 
 def test_paths_are_normalised_to_str(tmp_path: Path) -> None:
-    cfg = TransportConfig(url="mqtts://h", client_id="d", ca_file=tmp_path / "ca.pem")
+    cfg = TransportConfig(url="mqtts://h", client_id="d", ca_file=tmp_path / "ca.pem")  # type: ignore[arg-type]
     assert cfg.ca_file == str(tmp_path / "ca.pem")
     assert cfg.tls is True
 
@@ -212,7 +212,7 @@ def _paho_publish_packet(topic: str, payload_len: int, qos: int, protocol: int) 
         captured.append(bytes(packet))
         return 0
 
-    client._packet_queue = capture  # type: ignore[method-assign]
+    client._packet_queue = capture  # type: ignore[method-assign,assignment]
     client._sock = _FakeSocket()  # type: ignore[assignment]  # paho refuses to encode without one
     try:
         client._send_publish(1 if qos else 0, topic.encode(), b"x" * payload_len, qos, False, False)
@@ -227,7 +227,7 @@ _BOUNDARY_LENGTHS = [0, 1, 100, 120, 127, 128, 16_370, 16_383, 16_384, 70_000]
 @settings(max_examples=60, deadline=None)
 @given(
     topic=st.text(
-        st.characters(blacklist_characters="+#\x00", blacklist_categories=("Cs",)),
+        st.characters(blacklist_characters="+#\x00", blacklist_categories=["Cs"]),
         min_size=1,
         max_size=40,
     ),

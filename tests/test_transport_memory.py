@@ -8,6 +8,8 @@ from edge_sdk.transport import (
     ConnectionEvent,
     InboundMessage,
     MemoryBroker,
+    MemoryTransport,
+    MessageHandler,
     MessageTooLargeError,
     NotConnectedError,
     Will,
@@ -37,13 +39,15 @@ def test_runs_are_deterministic() -> None:
     def run() -> list[tuple[str, str, bytes, bool]]:
         broker = MemoryBroker()
         clients = [broker.transport(f"c{i}") for i in range(4)]
+
+        def relay(client: MemoryTransport, index: int) -> MessageHandler:
+            return lambda m: client.publish(f"fan/out/{index}", m.payload)
+
         for i, client in enumerate(clients):
             client.connect()
-            client.subscribe("fan/#", lambda m, c=client, i=i: None)
+            client.subscribe("fan/#", lambda m: None)
             if i % 2:
-                client.subscribe(
-                    "fan/in", lambda m, c=client, i=i: c.publish(f"fan/out/{i}", m.payload)
-                )
+                client.subscribe("fan/in", relay(client, i))
         clients[0].publish("fan/in", b"x")
         return broker.history
 

@@ -224,7 +224,8 @@ def test_connect_timeout_then_background_connect_after_heal(
 
 def test_broker_maximum_packet_size_is_learned_and_exact(tmp_path: Path) -> None:
     options = MosquittoOptions(max_packet_size=1000)
-    with MosquittoBroker(workdir=tmp_path / "m", options=options) as small:
+    small = MosquittoBroker(workdir=tmp_path / "m", options=options)
+    with small:
         made: list[MqttTransport] = []
         try:
             inbox = Inbox()
@@ -381,9 +382,9 @@ def test_mutual_tls_round_trip(
         cfg = _config(
             broker.tls_url,
             cid,
-            ca_file=pki.ca_cert,
-            cert_file=issued.cert,
-            key_file=issued.key,
+            ca_file=str(pki.ca_cert),
+            cert_file=str(issued.cert),
+            key_file=str(issued.key),
         )
         ids.append(_make(transports, cfg))
     agg, dev = ids
@@ -399,7 +400,7 @@ def test_tls_client_without_certificate_is_refused(
 ) -> None:
     broker, pki = tls_broker
     assert broker.tls_url is not None
-    anonymous = _make(transports, _config(broker.tls_url, _cid("anon"), ca_file=pki.ca_cert))
+    anonymous = _make(transports, _config(broker.tls_url, _cid("anon"), ca_file=str(pki.ca_cert)))
     with pytest.raises(NotConnectedError):
         anonymous.connect(timeout=3)
     assert anonymous.connect_count == 0
@@ -415,9 +416,9 @@ def test_tls_refuses_a_broker_signed_by_another_ca(
     cfg = _config(
         broker.tls_url,
         "dev-x",
-        ca_file=other.ca_cert,
-        cert_file=issued.cert,
-        key_file=issued.key,
+        ca_file=str(other.ca_cert),
+        cert_file=str(issued.cert),
+        key_file=str(issued.key),
     )
     wrong_ca = _make(transports, cfg)
     with pytest.raises(NotConnectedError):
@@ -426,6 +427,8 @@ def test_tls_refuses_a_broker_signed_by_another_ca(
 
 
 def test_missing_tls_files_are_a_config_error(tmp_path: Path) -> None:
-    cfg = TransportConfig(url="mqtts://127.0.0.1:8883", client_id="d", ca_file=tmp_path / "nope")
+    cfg = TransportConfig(
+        url="mqtts://127.0.0.1:8883", client_id="d", ca_file=str(tmp_path / "nope")
+    )
     with pytest.raises(ConfigError, match="ca_file"):
         MqttTransport(cfg)
