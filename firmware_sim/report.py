@@ -86,10 +86,14 @@ def plot_rounds(
         label="devices in the sum",
     )
     twin.set_ylabel("devices in the sum")
-    twin.set_ylim(bottom=0)
+    twin.set_ylim(bottom=0, top=max([r["contributors"] for r in rounds] + [1]) * 1.25)
+    from matplotlib.ticker import MaxNLocator as _Ticks
+
+    twin.yaxis.set_major_locator(_Ticks(integer=True))
     lines = ax.get_legend_handles_labels()
     more = twin.get_legend_handles_labels()
-    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="lower right")
+    ax.set_ylim(top=max([r["bytes_up"] / 1024 for r in rounds] + [1]) * 1.25)
+    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="upper right", fontsize="small")
     from matplotlib.ticker import MaxNLocator
 
     for row in axes:

@@ -1,0 +1,488 @@
+"""A simulated fleet over a real MQTT broker: the whole stack in one process.
+
+Each device is a real :class:`~edge_sdk.agent.DeviceAgent` with its own
+identity, privacy ledger, outbox folder (its "flash"), data partition and
+MQTT connection. The aggregator is the real :class:`AggregatorService` with
+its SQLite store and an in-process key holder. Nothing is mocked: updates are
+trained, clipped, noised, packed, Paillier-encrypted, signed, chunked,
+published, verified, summed blind, decrypted by the key holder and applied by
+the server optimizer.
+
+Device faults (:class:`DeviceProfile`): a CPU slowdown factor (a Pi is
+several times slower than this machine), availability (a device sits a round
+out), reboots in the middle of a round (after the update is stored, before
+its receipt: the rebooted agent must resend the same envelope), and link
+latency through the fault proxy.
+
+Threads: every device has two (paho's network loop and its agent worker),
+so this mode suits tens of devices; thousands run in
+:mod:`firmware_sim.engine`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from aggregator.keyholder import KeyHolder, KeyholderVerifier
+from aggregator.optimizers import make_optimizer
+from aggregator.planning import plan_rounds
+from aggregator.rounds import RoundConfig, RoundMachine
+from aggregator.service import AggregatorService
+from aggregator.store import AggregatorStore
+from edge_sdk.agent import AgentHooks, DeviceAgent, DeviceConfig, ModelTrainer, transport_config
+from edge_sdk.crypto import generate_keypair, save_public_key
+from edge_sdk.errors import EdgeFLError
+from edge_sdk.identity import DeviceIdentity, DeviceRegistry
+from edge_sdk.privacy import DPPolicy, epsilon_spent
+from edge_sdk.transport import MqttTransport, TransportConfig
+from firmware_sim.broker import BrokerKind, EmbeddedBroker, MosquittoBroker, start_broker
+from firmware_sim.datasets import load_dataset
+from firmware_sim.engine import SimConfig, build_model
+from firmware_sim.faults import FaultProxy
+from firmware_sim.partition import partition
+
+__all__ = ["DeviceProfile", "Fleet", "FleetConfig", "FleetResult", "FleetRound"]
+
+log = logging.getLogger(__name__)
+
+
+class SimulatedReboot(Exception):
+    """Raised inside a device agent to simulate a power loss mid-round."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeviceProfile:
+    """How a simulated device misbehaves.
+
+    Attributes:
+        slowdown: training takes this many times longer (1 = this machine).
+        availability: probability that the device takes part in a round.
+        reboot_prob: probability of a reboot after the update is stored and
+            before its receipt (the rebooted agent resends it).
+        link_latency_ms: one-way latency added by the fault proxy.
+    """
+
+    slowdown: float = 1.0
+    availability: float = 1.0
+    reboot_prob: float = 0.0
+    link_latency_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.slowdown < 1.0:
+            raise ValueError(f"slowdown must be >= 1, got {self.slowdown}")
+        if not 0 < self.availability <= 1 or not 0 <= self.reboot_prob < 1:
+            raise ValueError("availability must be in (0, 1] and reboot_prob in [0, 1)")
+        if self.link_latency_ms < 0:
+            raise ValueError(f"link_latency_ms must be >= 0, got {self.link_latency_ms}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FleetConfig:
+    """A full-stack simulation over a broker."""
+
+    federation: str = "demo"
+    devices: int = 20
+    rounds: int = 10
+    dataset: str = "digits"
+    model: str = "onnx-mlp"
+    hidden: int = 16
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    privacy: str = "dp"
+    epsilon: float = 8.0
+    delta: float = 1e-5
+    clip: float = 1.0
+    min_clients: int | None = None
+    round_duration_s: float = 60.0
+    local_epochs: int = 2
+    batch_size: int = 16
+    lr: float = 0.1
+    server_opt: str = "fedavg"
+    server_lr: float = 1.0
+    key_bits: int = 2048
+    broker: str = "auto"
+    profile: DeviceProfile = field(default_factory=DeviceProfile)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.privacy not in ("dp", "he"):
+            raise ValueError(f"privacy must be dp or he, got {self.privacy!r}")
+        if self.devices < 1 or self.rounds < 1:
+            raise ValueError("devices and rounds must be >= 1")
+
+    @property
+    def quorum(self) -> int:
+        """The round quorum (default: 80% of the devices expected online)."""
+        if self.min_clients is not None:
+            return self.min_clients
+        expected = self.devices * self.profile.availability
+        return max(1, int(0.8 * expected))
+
+
+@dataclass(frozen=True, slots=True)
+class FleetRound:
+    """One finished round as the fleet saw it."""
+
+    round: int
+    contributors: int
+    expected: int
+    accuracy: float
+    loss: float
+    epsilon: float
+    bytes_up: int
+    seconds: float
+
+
+@dataclass(slots=True)
+class FleetResult:
+    """The run: per-round figures and the broker used."""
+
+    config: dict[str, Any]
+    broker: str
+    rounds: list[FleetRound] = field(default_factory=list)
+    bytes_per_param: float = 0.0
+    dimension: int = 0
+    seconds: float = 0.0
+    reboots: int = 0
+    rejections: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready summary."""
+        last = self.rounds[-1] if self.rounds else None
+        return {
+            "config": self.config,
+            "broker": self.broker,
+            "rounds": len(self.rounds),
+            "final_accuracy": last.accuracy if last else None,
+            "epsilon": last.epsilon if last else 0.0,
+            "delta": self.config.get("delta"),
+            "bytes_per_param": self.bytes_per_param,
+            "dimension": self.dimension,
+            "seconds": round(self.seconds, 2),
+            "reboots": self.reboots,
+            "rejections": self.rejections,
+            "per_round": [asdict(r) for r in self.rounds],
+        }
+
+
+ProgressFn = Callable[[str, dict[str, Any]], None]
+
+
+class Fleet:
+    """Sets up broker, keys, key holder, aggregator and devices; runs rounds.
+
+    Args:
+        config: the simulation.
+        workdir: folder for keys, the aggregator store and every device's state.
+        progress: called with ``("round", figures)`` after each round and
+            ``("update", {"round", "received", "expected"})`` as updates arrive.
+    """
+
+    def __init__(
+        self, config: FleetConfig, workdir: str | Path, *, progress: ProgressFn | None = None
+    ) -> None:
+        self.config = config
+        self.workdir = Path(workdir)
+        self.progress = progress or (lambda kind, data: None)
+        self._rng = random.Random(config.seed)
+        self.agents: dict[str, DeviceAgent] = {}
+        self._offline: set[str] = set()
+        self._reboot_requests: list[str] = []
+        self._lock = threading.Lock()
+        self.reboots = 0
+
+    # ------------------------------------------------------------- devices
+    def _hooks(self, device_id: str) -> AgentHooks:
+        profile = self.config.profile
+
+        def after_step(step: str, round_id: int) -> None:
+            if step == "outbox" and profile.reboot_prob > 0:
+                with self._lock:
+                    hit = self._rng.random() < profile.reboot_prob
+                if hit:
+                    with self._lock:
+                        self._reboot_requests.append(device_id)
+                    raise SimulatedReboot(f"{device_id} lost power in round {round_id}")
+
+        return AgentHooks(after_step=after_step, slowdown=profile.slowdown)
+
+    def _start_agent(self, device_id: str) -> None:
+        spec = self._device_specs[device_id]
+        model = build_model(self._sim_config, self._data)
+        trainer = ModelTrainer(model, spec["x"], spec["y"])
+        cfg: DeviceConfig = spec["config"]
+        transport = MqttTransport(transport_config(cfg))
+        agent = DeviceAgent(
+            cfg,
+            trainer,
+            transport,
+            public_key=self._public_key,
+            hooks=self._hooks(device_id),
+            require_privacy=self.config.privacy == "dp",
+        )
+        agent.start(connect_timeout=30)
+        self.agents[device_id] = agent
+
+    def _stop_agent(self, device_id: str) -> None:
+        agent = self.agents.pop(device_id, None)
+        if agent is not None:
+            agent.stop(timeout=5)
+
+    # ------------------------------------------------------------------ run
+    def run(self, *, timeout_s: float | None = None) -> FleetResult:
+        """Run the configured rounds; returns when done or on timeout.
+
+        Raises:
+            EdgeFLError: the fleet could not be set up, or no round completed
+                before the timeout.
+        """
+        cfg = self.config
+        started = time.perf_counter()
+        if self.workdir.exists():
+            shutil.rmtree(self.workdir)
+        self.workdir.mkdir(parents=True)
+        broker: MosquittoBroker | EmbeddedBroker | None = None
+        proxy: FaultProxy | None = None
+        if "://" in cfg.broker:
+            url, protocol, broker_name = cfg.broker, 5, cfg.broker
+        else:
+            kind: BrokerKind = cfg.broker  # type: ignore[assignment]
+            broker = (
+                start_broker(kind, workdir=self.workdir / "broker")
+                if kind != "embedded"
+                else start_broker("embedded")
+            )
+            url = broker.url
+            protocol = 5 if broker.supports_mqtt5 else 311
+            broker_name = broker.kind
+        device_url = url
+        if cfg.profile.link_latency_ms > 0:
+            host_port = url.split("://", 1)[1]
+            host, port = host_port.rsplit(":", 1)
+            proxy = FaultProxy(host, int(port)).start()
+            proxy.latency(cfg.profile.link_latency_ms / 1000)
+            device_url = proxy.url
+        service: AggregatorService | None = None
+        result = FleetResult(config=asdict(cfg), broker=broker_name)
+        try:
+            service = self._setup(url, device_url, protocol)
+            self._loop(service, result, timeout_s)
+        finally:
+            for device_id in list(self.agents):
+                self._stop_agent(device_id)
+            if service is not None:
+                result.rejections = dict(service.machine.rejections)
+                service.close()
+            if proxy is not None:
+                proxy.stop()
+            if broker is not None:
+                broker.stop()
+        result.seconds = time.perf_counter() - started
+        result.reboots = self.reboots
+        return result
+
+    def _setup(self, url: str, device_url: str, protocol: int) -> AggregatorService:
+        cfg = self.config
+        self.progress("setup", {"step": f"generating a {cfg.key_bits}-bit Paillier key"})
+        pk, sk = generate_keypair(cfg.key_bits)
+        self._public_key = pk
+        save_public_key(pk, self.workdir / "paillier.pub")
+        self._data = load_dataset(cfg.dataset, seed=cfg.seed)
+        self._sim_config = SimConfig(
+            dataset=cfg.dataset, model=cfg.model, hidden=cfg.hidden, seed=cfg.seed
+        )
+        shards = partition(
+            self._data.y_train, cfg.devices, scheme=cfg.partition, alpha=cfg.alpha, seed=cfg.seed
+        )
+        registry = DeviceRegistry(self.workdir / "registry.json", cfg.federation)
+        self._device_specs: dict[str, dict[str, Any]] = {}
+        for i, idx in enumerate(shards):
+            device_id = f"dev-{i:03d}"
+            state = self.workdir / "devices" / device_id
+            identity = DeviceIdentity.generate(device_id)
+            identity.save(state / "device.key")
+            registry.enroll(device_id, identity.public_key_bytes)
+            dcfg = DeviceConfig(
+                device_id=device_id,
+                federation=cfg.federation,
+                state_dir=state,
+                broker={
+                    "url": device_url,
+                    "protocol": protocol,
+                    "keepalive": 10,
+                    "reconnect_min_s": 0.2,
+                    "reconnect_max_s": 2.0,
+                },
+                public_key=self.workdir / "paillier.pub",
+                budget_epsilon=cfg.epsilon * 1.0001,
+                delta=cfg.delta,
+                resend_initial_s=5.0,
+                resend_max_s=20.0,
+            )
+            self._device_specs[device_id] = {
+                "x": self._data.x_train[idx],
+                "y": self._data.y_train[idx],
+                "config": dcfg,
+            }
+        registry.save()
+        model = build_model(self._sim_config, self._data)
+        weights = model.get_flat().astype(np.float32)
+        self._eval_model = model
+        quorum = min(cfg.quorum, cfg.devices)
+        policy = None
+        if cfg.privacy == "dp":
+            policy = DPPolicy(
+                mode="distributed",
+                epsilon=cfg.epsilon,
+                delta=cfg.delta,
+                rounds=cfg.rounds,
+                clip=cfg.clip,
+                min_clients=quorum,
+            )
+        plan = plan_rounds(
+            pk,
+            dimension=int(weights.size),
+            max_contributors=max(cfg.devices, 2),
+            min_clients=quorum,
+            clip=cfg.clip,
+            policy=policy,
+        )
+        self._plan = plan
+        identity = DeviceIdentity.generate("keyholder")
+        keyholder = KeyHolder(
+            sk, registry, federation=cfg.federation, min_clients=quorum, identity=identity
+        )
+        round_config = RoundConfig(
+            federation=cfg.federation,
+            min_clients=quorum,
+            target_clients=cfg.devices,
+            round_duration_ms=int(cfg.round_duration_s * 1000),
+            rounds=cfg.rounds,
+            train=(("batch_size", cfg.batch_size), ("epochs", cfg.local_epochs), ("lr", cfg.lr)),
+        )
+        machine = RoundMachine(
+            round_config,
+            plan,
+            registry,
+            make_optimizer({"name": cfg.server_opt, "lr": cfg.server_lr}),
+            initial_weights=weights,
+            keyholder=KeyholderVerifier(identity.public_key_bytes),
+        )
+        store = AggregatorStore(
+            self.workdir / "aggregator.db",
+            federation=cfg.federation,
+            key_fingerprint=pk.fingerprint,
+        )
+        transport = MqttTransport(
+            TransportConfig(
+                url=url,
+                client_id=f"edgefl-aggregator-{cfg.federation}",
+                protocol=protocol,
+                clean_start=False,
+                session_expiry_s=3600,
+                manual_ack=True,
+                reconnect_min_s=0.2,
+                reconnect_max_s=2.0,
+            )
+        )
+        service = AggregatorService(machine, store, transport, keyholder=keyholder)
+        self.progress("setup", {"step": f"starting {cfg.devices} devices"})
+        for device_id in self._device_specs:
+            self._start_agent(device_id)
+        service.start(connect_timeout=30)
+        return service
+
+    def _loop(
+        self, service: AggregatorService, result: FleetResult, timeout_s: float | None
+    ) -> None:
+        cfg = self.config
+        machine = service.machine
+        deadline = time.monotonic() + (timeout_s or cfg.rounds * (cfg.round_duration_s + 30))
+        seen_version = 0
+        current_round = -1
+        last_model_at = time.perf_counter()
+        last_count = -1
+        expected = cfg.devices
+        while not machine.finished and time.monotonic() < deadline:
+            service.pump(timeout=0.05)
+            self._handle_reboots()
+            if machine.round_id != current_round:
+                current_round = machine.round_id
+                expected = self._schedule_availability()
+                last_count = -1
+            if machine.count != last_count and machine.phase == "collecting":
+                last_count = machine.count
+                self.progress(
+                    "update", {"round": current_round, "received": last_count, "expected": expected}
+                )
+            model = machine.model
+            if model is not None and model.version > seen_version:
+                seen_version = model.version
+                result.rounds.append(self._evaluate(model, service, last_model_at, expected))
+                last_model_at = time.perf_counter()
+                self.progress("round", asdict(result.rounds[-1]))
+        if not result.rounds:
+            raise EdgeFLError("no round completed before the timeout")
+        result.dimension = self._plan.dimension
+        per_update = self._plan.num_ciphertexts * self._public_key.ciphertext_bytes
+        result.bytes_per_param = per_update / self._plan.dimension
+
+    def _evaluate(
+        self, model: Any, service: AggregatorService, started: float, expected: int
+    ) -> FleetRound:
+        weights = np.frombuffer(model.weights, dtype="<f4")
+        self._eval_model.set_flat(weights)
+        metrics = self._eval_model.evaluate(self._data.x_test, self._data.y_test)
+        record = service.store.round_record(model.round_id)
+        count = record.count if record is not None else 0
+        eps = 0.0
+        if self._plan.noise is not None:
+            eps = epsilon_spent(self._plan.noise, model.version)
+        return FleetRound(
+            round=model.version,
+            contributors=count,
+            expected=expected,
+            accuracy=float(metrics.get("accuracy", float("nan"))),
+            loss=float(metrics["loss"]),
+            epsilon=eps,
+            bytes_up=count * self._plan.num_ciphertexts * self._public_key.ciphertext_bytes,
+            seconds=time.perf_counter() - started,
+        )
+
+    def _schedule_availability(self) -> int:
+        """Take some devices offline for this round (drop-outs); bring back the rest."""
+        availability = self.config.profile.availability
+        for device_id in sorted(self._device_specs):
+            with self._lock:
+                offline = availability < 1.0 and self._rng.random() >= availability
+            if offline and device_id in self.agents:
+                self._stop_agent(device_id)
+                self._offline.add(device_id)
+            elif not offline and device_id in self._offline:
+                self._offline.discard(device_id)
+                self._start_agent(device_id)
+        return len(self._device_specs) - len(self._offline)
+
+    def _handle_reboots(self) -> None:
+        with self._lock:
+            pending, self._reboot_requests = self._reboot_requests, []
+        for device_id in pending:
+            agent = self.agents.get(device_id)
+            if agent is None:
+                continue
+            deadline = time.monotonic() + 5
+            while agent.error is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            self._stop_agent(device_id)
+            self.reboots += 1
+            self._start_agent(device_id)
