@@ -6,6 +6,8 @@ training the same model:
 * ``central``: the model trained on all training data in one place;
 * ``float``: plain federated averaging on float deltas;
 * ``he``: clipped, quantized deltas summed under Paillier (no noise);
+* ``he_float_config``: ``he`` at the float winner's exact configuration,
+  only the clip chosen (isolates the cost of clipping and quantization);
 * ``dp``: ``he`` plus distributed DP noise for each target epsilon;
 * ``dp_default_quorum`` (optional): one ``dp`` configuration re-run with the
   default quorum (half the fleet) to show what the quorum costs.
@@ -423,6 +425,22 @@ class _Study:
         best, n, failed = self._early_stopped(fleet, configs)
         return self._finish(fleet, "he", best, n, failed, t0)
 
+    def he_float_config(self, fleet: FleetPlan, chosen_float: SimConfig) -> Row:
+        """HE at the float winner's exact configuration; only the clip is chosen (on val).
+
+        This isolates what clipping, quantization and encrypted summation cost
+        from the noise of re-tuning the server optimizer and the horizon.
+        """
+        t0 = time.perf_counter()
+        cands: list[_Candidate] = []
+        for order, clip in enumerate(fleet.clips):
+            cfg = replace(chosen_float, setting="he", clip=clip)
+            final = float(self.curve(cfg, fleet.selection_seeds)[-1])
+            cands.append(_Candidate(cfg, final if math.isfinite(final) else -math.inf, order))
+        best = _pick(cands)
+        failed = sum(1 for c in cands if not math.isfinite(c.val))
+        return self._finish(fleet, "he_float_config", best, len(cands), failed, t0)
+
     def dp(self, fleet: FleetPlan, chosen_float: SimConfig, epsilon: float) -> Row:
         t0 = time.perf_counter()
         cands: list[_Candidate] = []
@@ -549,7 +567,8 @@ class _Study:
 def target_checks(rows: Sequence[Row]) -> dict[str, dict[str, Any]]:
     """The issue's accuracy targets, checked on mean test accuracy (in points).
 
-    * HE-only within 0.5 points of float FedAvg (HE above float counts as met);
+    * HE-only within 0.5 points of float FedAvg (HE above float counts as met),
+      both for ``he`` (tuned on its own) and ``he_float_config``;
     * float FedAvg within 3 points of central training;
     * digits, 50 devices, epsilon 8: within 5 points of float FedAvg;
     * sensor, 1,000 devices, epsilon 1: within 3 points of float FedAvg.
@@ -569,7 +588,15 @@ def target_checks(rows: Sequence[Row]) -> dict[str, dict[str, Any]]:
             g = gap(he, fl)
             out[f"he_vs_float_{ds}_{n}"] = {
                 "value": g,
-                "target": ">= -0.5 points (HE-only vs float FedAvg, test)",
+                "target": ">= -0.5 points (HE-only, tuned on its own, vs float FedAvg, test)",
+                "met": g >= -0.5,
+            }
+        he_same = table.get((ds, n, "he_float_config", None))
+        if fl is not None and he_same is not None:
+            g = gap(he_same, fl)
+            out[f"he_float_config_vs_float_{ds}_{n}"] = {
+                "value": g,
+                "target": ">= -0.5 points (HE-only at the float winner's configuration, test)",
                 "met": g >= -0.5,
             }
         if fl is not None and central is not None:
@@ -620,6 +647,7 @@ def run_study(
         float_row, chosen_float = study.float_fedavg(fleet)
         rows.append(float_row)
         rows.append(study.he(fleet, chosen_float))
+        rows.append(study.he_float_config(fleet, chosen_float))
         for eps in plan.epsilons:
             row = study.dp(fleet, chosen_float, eps)
             rows.append(row)

@@ -22,7 +22,7 @@ from firmware_sim.study import (
     target_checks,
 )
 
-SETTINGS = {"central", "float", "he", "dp"}
+SETTINGS = {"central", "float", "he", "he_float_config", "dp"}
 
 
 @pytest.fixture(scope="module")
@@ -101,20 +101,19 @@ def test_test_split_is_used_only_for_the_chosen_configurations(
     seeds = {(f.dataset, f.devices): f.test_seeds for f in plan.fleets}
     assert len(test_calls) == sum(len(seeds[(r["dataset"], r["devices"])]) for r in simulated_rows)
     for row in simulated_rows:
+        p = row["params"]
         quorum = None if row["setting"] == "dp_default_quorum" else row["devices"]
-        setting = "dp" if row["setting"].startswith("dp") else row["setting"]
-        mine = [
-            c
+        setting = row["setting"].split("_")[0]
+        mine = {
+            c.seed
             for c in test_calls
-            if (c.dataset, c.devices, c.setting, c.min_clients)
-            == (row["dataset"], row["devices"], setting, quorum)
-            and (setting != "dp" or c.epsilon == row["epsilon_target"])
-        ]
-        assert mine, row
-        for c in mine:
-            assert c.rounds == row["params"]["rounds"]
-            assert c.server_lr == row["params"]["server_lr"]
-            assert c.seed in seeds[(row["dataset"], row["devices"])]
+            if (c.dataset, c.devices, c.setting) == (row["dataset"], row["devices"], setting)
+            and (c.rounds, c.server_opt, c.server_lr)
+            == (p["rounds"], p["server_opt"], p["server_lr"])
+            and (setting == "float" or c.clip == p["clip"])
+            and (setting != "dp" or (c.epsilon, c.min_clients) == (row["epsilon_target"], quorum))
+        }
+        assert mine == set(seeds[(row["dataset"], row["devices"])]), row
     # Tuning seeds and test seeds never overlap.
     tuning_seeds = {c.seed for c in calls if c.eval_split == "val"}
     assert tuning_seeds.isdisjoint({c.seed for c in test_calls})
