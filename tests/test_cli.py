@@ -70,10 +70,10 @@ def test_console_script_and_module_entry_points() -> None:
             assert group in result.stdout
 
 
-def test_demo_placeholder_json(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--json"]) == 0
-    data = json.loads(capsys.readouterr().out)
-    assert "commands" in data and "broker" in data["commands"]
+def test_every_command_group_is_installed() -> None:
+    from edge_sdk.cli import COMMANDS, available_commands
+
+    assert set(available_commands()) == set(COMMANDS)
 
 
 def test_bench_unknown_name_is_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
