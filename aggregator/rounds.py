@@ -89,6 +89,10 @@ log = logging.getLogger("edgefl.aggregator.rounds")
 
 PHASES = ("collecting", "decrypting", "done", "failed")
 
+#: Bytes allowed for an update's envelope beyond its ciphertext blob (ten header
+#: fields with ids of at most 64 characters, digests, signature: well under 1 KiB).
+UPDATE_HEADER_BOUND = 4096
+
 
 # ----------------------------------------------------------------- config
 
@@ -362,7 +366,12 @@ class RoundMachine:
             raise ValueError(
                 f"initial weights have {self._initial.size} values, the plan {plan.dimension}"
             )
-        self.reassembler = Reassembler(max_payload_size=config.max_update_bytes)
+        # An update of this plan is its fixed-size ciphertext blob plus a small
+        # signed header: refuse a chunk declaring more before buffering any of it,
+        # so a device cannot make the aggregator hold up to max_update_bytes per
+        # pending payload (the Reassembler keeps up to 1,024 of them).
+        expected = self._num_ct * plan.public_key.ciphertext_bytes + UPDATE_HEADER_BOUND
+        self.reassembler = Reassembler(max_payload_size=min(config.max_update_bytes, expected))
         self.stats: Counter[str] = Counter()
         self.rejections: Counter[str] = Counter()
         self.finished = False
