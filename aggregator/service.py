@@ -26,6 +26,7 @@ kills the process with SIGKILL the ``n``-th time it reaches ``point``. Points:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -165,8 +166,23 @@ class AggregatorService:
         self.transport.on_connection_change(self._on_connection)
         self.transport.connect(timeout=connect_timeout)
         self._started = True
+        self._fit_chunks_to_transport()
         self.feed(Start(now_ms=self.clock_ms()))
         self.crash.hit("after_start")
+
+    def _fit_chunks_to_transport(self) -> None:
+        """Chunk models to what the broker accepts.
+
+        The broker's maximum packet size (MQTT 5 CONNACK) can be smaller than
+        the configured ``max_message_size``; model chunks cut to the larger
+        size would be refused by the transport on every publish, and devices
+        would never get the model.
+        """
+        limit = self.transport.max_payload_size(self.topics.model(0))
+        config = self.machine.config
+        if limit < config.max_message_size:
+            log.info("broker limit: model chunks of at most %d bytes", limit)
+            self.machine.config = dataclasses.replace(config, max_message_size=limit)
 
     def close(self) -> None:
         """Disconnect and close the store."""
@@ -221,6 +237,7 @@ class AggregatorService:
         if kind == "reconnected":
             if self._started:
                 log.info("reconnected: re-publishing the retained round and model")
+                self._fit_chunks_to_transport()
                 self.feed(Start(now_ms=self.clock_ms()))
             return
         assert message is not None

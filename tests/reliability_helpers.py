@@ -409,7 +409,8 @@ class DeviceFleet:
         for device_id, upd in todo:
             t = self.transports[self.index[device_id] % len(self.transports)]
             try:
-                for topic, payload in update_messages(upd):
+                # chunked to what this connection may send (the broker's limit)
+                for topic, payload in update_messages(upd, max_message_size=t.max_message_size):
                     t.publish(topic, payload, qos=1)
             except Exception:  # not connected: the next period resends
                 self.publish_errors += 1
