@@ -32,6 +32,7 @@ from tests.reliability_helpers import (
     DeviceFleet,
     Observer,
     ServiceThread,
+    malformed_payloads,
     transport,
     wait_for,
     write_federation,
@@ -43,42 +44,6 @@ pytestmark = pytest.mark.broker
 
 BROKER_MAX = 4096  # bytes: a 12-ciphertext update (6 KiB) needs several chunks
 DIM = 1000
-
-
-def _valid_chunk(device: str) -> bytes:
-    return Chunk(
-        federation=FED,
-        stream="update",
-        sender=device,
-        round_id=1,
-        payload_digest=bytes(32),
-        payload_size=100,
-        index=0,
-        total=2,
-        data=b"x" * 60,
-    ).to_bytes()
-
-
-def malformed_payloads(device: str) -> dict[str, bytes]:
-    """Hostile payloads by name (each must be refused with a decode error)."""
-    good = _valid_chunk(device)
-    return {
-        "empty": b"",
-        "truncated": good[:-7],
-        "trailing_bytes": good + b"\x00",
-        "reserved_0xc1": b"\xc1",
-        "reserved_0xc1_inside": b"\x94\x01\xa5chunk\xc1\xc4\x08" + bytes(8),
-        "deep_nesting": b"\x91" * 3_000 + b"\xc0",
-        "bin32_of_4GiB": b"\xc6\xff\xff\xff\xff" + b"x" * 16,
-        "str32_of_4GiB": b"\xdb\xff\xff\xff\xff" + b"x" * 16,
-        "array32_of_4G": b"\xdd\xff\xff\xff\xff" + b"\xc0" * 16,
-        "map32_of_4G": b"\xdf\xff\xff\xff\xff" + b"\xc0" * 16,
-        "ext_type": b"\xd4\x01\x00",
-        "not_msgpack": b"GET / HTTP/1.1\r\n\r\n",
-        "wrong_version": b"\x94\x02\xa5chunk\x80\xc4\x08" + bytes(8),
-        "unknown_kind": b"\x94\x01\xa4evil\x80\xc4\x08" + bytes(8),
-        "checksum": good[:-1] + bytes([good[-1] ^ 1]),
-    }
 
 
 @pytest.mark.timeout(240)
