@@ -21,6 +21,7 @@ __all__ = ["Outbox"]
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"round-(\d{1,19})\.update")
+_TMP = re.compile(r"\.round-\d{1,19}\.update\.tmp-\d+")
 
 
 class Outbox:
@@ -30,6 +31,23 @@ class Outbox:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.quarantined: list[Path] = []
+        self.removed_temporaries = self._remove_stale_temporaries()
+
+    def _remove_stale_temporaries(self) -> int:
+        """Delete temporary files left by a crash inside ``atomic_write``.
+
+        ``atomic_write`` names its temporary ``.<name>.tmp-<pid>``; one left
+        behind never holds a published envelope (the rename did not happen,
+        or happened and the temporary is gone), and each crash would leave
+        another one. Returns how many were removed.
+        """
+        stale = [p for p in self.folder.iterdir() if _TMP.fullmatch(p.name)]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        if stale:
+            fsync_dir(self.folder)
+            log.warning("removed %d stale temporary file(s) from %s", len(stale), self.folder)
+        return len(stale)
 
     def _path(self, round_id: int) -> Path:
         return self.folder / f"round-{round_id}.update"
