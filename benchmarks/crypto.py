@@ -75,12 +75,17 @@ def run(quick: bool) -> dict[str, Any]:
     workers = default_workers()
     with tempfile.TemporaryDirectory(prefix="edgefl-bench-pool-") as tmp:
         pool = ObfuscatorPool(tmp, public_key)
+        # Best of a few encryptions: the durable take ends in an fsync whose
+        # latency is at the mercy of other I/O on a shared machine.
+        tries = 1 if quick else 3
         started = time.perf_counter()
-        pool.fill(plaintext_count, rng=rng, workers=workers)
-        fill_s = (time.perf_counter() - started) / plaintext_count
-        started = time.perf_counter()
-        pooled_vec = encrypt(public_key, pack(params, spec), pool=pool)
-        pooled = (time.perf_counter() - started) / length
+        pool.fill(tries * plaintext_count, rng=rng, workers=workers)
+        fill_s = (time.perf_counter() - started) / (tries * plaintext_count)
+        pooled = float("inf")
+        for _ in range(tries):
+            started = time.perf_counter()
+            pooled_vec = encrypt(public_key, pack(params, spec), pool=pool)
+            pooled = min(pooled, (time.perf_counter() - started) / length)
         assert pool.size() == 0
 
     # Wire size.
