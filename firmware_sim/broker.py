@@ -24,6 +24,7 @@ timeout.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import logging
@@ -257,7 +258,7 @@ def _tail(path: Path, lines: int = 15) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-class _BrokerBase:
+class _BrokerBase(abc.ABC):
     host: str
     port: int
 
@@ -273,14 +274,17 @@ class _BrokerBase:
     ) -> None:
         self.stop()
 
+    @abc.abstractmethod
     def start(self) -> None:
-        raise NotImplementedError  # pragma: no cover - abstract
+        """Start serving and wait until ready."""
 
+    @abc.abstractmethod
     def stop(self) -> None:
-        raise NotImplementedError  # pragma: no cover - abstract
+        """Stop gracefully."""
 
+    @abc.abstractmethod
     def kill(self) -> None:
-        raise NotImplementedError  # pragma: no cover - abstract
+        """Stop abruptly."""
 
     @property
     def url(self) -> str:

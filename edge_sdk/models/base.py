@@ -15,6 +15,7 @@ for differential privacy never comes from here).
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -294,7 +295,7 @@ class Model(Protocol):
         ...
 
 
-class SGDTrainable:
+class SGDTrainable(abc.ABC):
     """Shared weight storage and SGD loop for the backends (internal base class).
 
     Subclasses set ``self._layout`` and ``self._flat`` (via :meth:`_init_storage`)
@@ -354,11 +355,13 @@ class SGDTrainable:
         np.copyto(self._flat, arr32)
 
     # -- subclass hooks -------------------------------------------------
+    @abc.abstractmethod
     def _prepare(self, x: ArrayLike, y: ArrayLike) -> tuple[NDArray[Any], NDArray[Any]]:
-        raise NotImplementedError
+        """Validate and convert one dataset for this backend."""
 
+    @abc.abstractmethod
     def _batch_loss_grad(self, x: NDArray[Any], y: NDArray[Any]) -> tuple[float, FloatArray]:
-        raise NotImplementedError
+        """Mean loss and flat gradient of one batch."""
 
     # -- shared behaviour -------------------------------------------------
     def loss_and_grad(self, x: ArrayLike, y: ArrayLike) -> tuple[float, FloatArray]:

@@ -20,6 +20,7 @@ every field is checked against its rule.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import math
 import re
@@ -55,12 +56,14 @@ MAX_DEPTH = 4
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
-class Rule:
+class Rule(abc.ABC):
     """How one field is bounded; ``check`` raises ValueError/TypeError naming it."""
 
+    __slots__ = ()
+
+    @abc.abstractmethod
     def check(self, name: str, value: Any) -> None:
         """Validate ``value`` for field ``name``."""
-        raise NotImplementedError  # pragma: no cover - abstract
 
 
 @dataclass(frozen=True, slots=True)
