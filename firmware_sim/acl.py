@@ -38,14 +38,13 @@ import base64
 import hashlib
 import hmac
 import json
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from edge_sdk._fs import atomic_write
 from edge_sdk.errors import ConfigError
 from edge_sdk.randomness import RandomSource, default_random
 
@@ -289,17 +288,7 @@ class BrokerAuth:
 
 
 def _write_atomic(path: Path, text: str, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)  # before any byte is written: no readable window
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, text.encode("utf-8"), mode=mode)
 
 
 def _new_password(rng: RandomSource) -> str:

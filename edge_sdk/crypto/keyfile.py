@@ -26,6 +26,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from edge_sdk._fs import atomic_write
 from edge_sdk.crypto.keys import MIN_KEY_BITS, PaillierPrivateKey, PaillierPublicKey
 from edge_sdk.errors import KeyFileError
 
@@ -71,18 +72,7 @@ def _atomic_write(path: Path, data: bytes, mode: int, *, overwrite: bool) -> Non
     path = Path(path)
     if path.exists() and not overwrite:
         raise KeyFileError(f"{path} exists; refusing to overwrite (pass overwrite=True / --force)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    atomic_write(path, data, mode=mode)
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
