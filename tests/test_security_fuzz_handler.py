@@ -234,6 +234,8 @@ def test_fuzzing_reached_rejections_and_acceptances(target: Target) -> None:
     assert target.rejected_actions > 0
     assert sum(target.machine.rejections.values()) > 0
     assert 0 < target.machine.count <= N_DEVICES
+    # honest updates sent again were acknowledged as duplicates, counted, not re-summed
+    assert target.machine.stats["duplicate"] > 0
     reasons = Counter(r.split("_")[0] for r in target.machine.rejections)
     assert {"decode", "topic"} <= set(reasons), target.machine.rejections
 
