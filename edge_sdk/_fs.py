@@ -7,7 +7,10 @@ import stat
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write", "check_private", "fsync_dir"]
+__all__ = ["TEMP_PATTERN", "atomic_write", "check_private", "fsync_dir"]
+
+# Names of the temporaries atomic_write leaves behind when killed mid-write.
+TEMP_PATTERN = r"\.(?P<name>.+)\.tmp-\d+-[A-Za-z0-9_]+"
 
 
 def fsync_dir(path: Path) -> None:
@@ -29,7 +32,8 @@ def atomic_write(path: str | Path, data: bytes, *, mode: int = 0o600) -> None:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    # Temporary name: ".<name>.tmp-<pid>-<random>" (see TEMP_PATTERN).
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent)
     tmp = Path(tmp_name)
     try:
         try:

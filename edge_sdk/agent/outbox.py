@@ -12,7 +12,7 @@ import logging
 import re
 from pathlib import Path
 
-from edge_sdk._fs import atomic_write, fsync_dir
+from edge_sdk._fs import TEMP_PATTERN, atomic_write, fsync_dir
 from edge_sdk.agent.session import OutboxEntry
 from edge_sdk.errors import DecodeError
 from edge_sdk.protocol import EncryptedUpdate
@@ -21,7 +21,7 @@ __all__ = ["Outbox"]
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"round-(\d{1,19})\.update")
-_TMP = re.compile(r"\.round-\d{1,19}\.update\.tmp-\d+")
+_TMP = re.compile(TEMP_PATTERN)
 
 
 class Outbox:
@@ -36,12 +36,16 @@ class Outbox:
     def _remove_stale_temporaries(self) -> int:
         """Delete temporary files left by a crash inside ``atomic_write``.
 
-        ``atomic_write`` names its temporary ``.<name>.tmp-<pid>``; one left
+        ``atomic_write`` names its temporary ``.<name>.tmp-<pid>-<random>``; one left
         behind never holds a published envelope (the rename did not happen,
         or happened and the temporary is gone), and each crash would leave
         another one. Returns how many were removed.
         """
-        stale = [p for p in self.folder.iterdir() if _TMP.fullmatch(p.name)]
+        stale = [
+            p
+            for p in self.folder.iterdir()
+            if (m := _TMP.fullmatch(p.name)) is not None and _NAME.fullmatch(m.group("name"))
+        ]
         for path in stale:
             path.unlink(missing_ok=True)
         if stale:
