@@ -18,14 +18,29 @@ import numpy as np
 import pytest
 
 from aggregator import rounds as rounds_module
-from aggregator.rounds import Alert, MessageReceived, Publish, Rejected, Start
+from aggregator.rounds import (
+    Alert,
+    KeyholderAnswered,
+    MessageReceived,
+    Publish,
+    Rejected,
+    RequestDecryption,
+    Start,
+)
 from edge_sdk.crypto import CiphertextVector
 from edge_sdk.crypto._raw import compute_obfuscator, pack_unsigned, random_unit, raw_encrypt
 from edge_sdk.protocol import Chunk, EncryptedUpdate, KeyholderResult
 from edge_sdk.protocol.messages import digest
 from tests import test_aggregator_support as _support
 from tests.test_aggregator_rounds import Driver, _driver
-from tests.test_aggregator_support import Fleet, deltas, make_update
+from tests.test_aggregator_support import (
+    Fleet,
+    deltas,
+    make_keyholder,
+    make_machine,
+    make_update,
+    update_messages,
+)
 
 keypair = _support.keypair  # session fixture
 
@@ -212,3 +227,31 @@ def test_overflow_poisoned_round_is_discarded_and_the_honest_rerun_passes(
     expected = (np.sum(values, axis=0) / d.machine.plan.packing.scale / 3).astype(np.float32)
     np.testing.assert_array_equal(np.frombuffer(model.weights, "<f4"), expected)
     assert _published_versions(d) == {0, 1}
+
+
+def test_forged_keyholder_result_is_refused_and_the_genuine_one_applies(
+    keypair, fleet, tmp_path
+) -> None:
+    pk, sk = keypair
+    kh = make_keyholder(sk, fleet)
+    machine = make_machine(pk, fleet, dim=DIM, target=3, keyholder_key=kh.identity.public_key_bytes)
+    machine.handle(Start(now_ms=1_000))
+    ann = machine.announcement
+    assert ann is not None
+    requests = []
+    for i, dev in enumerate(fleet.ids()[:3]):
+        upd, _ = make_update(ann, pk, fleet.identities[dev], deltas(3, DIM)[i])
+        for topic, payload in update_messages(upd):
+            actions = machine.handle(MessageReceived(topic=topic, payload=payload, now_ms=2_000))
+            requests += [a.request for a in actions if isinstance(a, RequestDecryption)]
+    (request,) = requests
+    genuine = kh.handle(request)
+    forged = make_keyholder(sk, fleet).handle(request)  # same key, another signing identity
+    assert forged.aggregate == genuine.aggregate and forged.signature != genuine.signature
+    actions = machine.handle(KeyholderAnswered(result=forged, now_ms=3_000))
+    assert _reasons(actions) == ["keyholder_signature"]
+    assert any(isinstance(a, Alert) and a.kind == "keyholder_signature" for a in actions)
+    assert machine.phase == "decrypting" and machine.model is not None
+    assert machine.model.version == 0
+    machine.handle(KeyholderAnswered(result=genuine, now_ms=3_000))
+    assert machine.model.version == 1 and machine.round_id == 2
