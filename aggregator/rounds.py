@@ -111,7 +111,9 @@ class RoundConfig:
         train: local training settings announced to devices.
         fixed_denominator: DP-FedAvg: divide the sum by this, not the count.
         max_message_size: largest MQTT payload published (model chunks).
-        max_update_bytes: largest reassembled update accepted.
+        max_update_bytes: largest reassembled update accepted (the machine
+            caps it further at the plan's update size: ciphertext blob plus
+            ``UPDATE_HEADER_BOUND``).
         keyholder_retry_ms: re-send an unanswered decryption request after this.
         history_rounds: past rounds whose accepted digests are remembered
             (late duplicates are acknowledged as duplicates, not late).
