@@ -14,9 +14,9 @@ Topics live under ``edgefl/v1/{federation}/``:
 =========================  =====================  ==========================
 topic                      written by             read by
 =========================  =====================  ==========================
-``model`` (retained)       aggregator             devices
+``model/{i}`` (retained)   aggregator             devices
 ``round`` (retained)       aggregator             devices
-``updates/{device}``       that device            aggregator
+``updates/{device}``       that device            aggregator, key holder
 ``ack/{device}``           aggregator             that device
 ``status/{device}``        that device (+ will)   aggregator
 ``keyholder/request``      aggregator             key holder
@@ -112,7 +112,7 @@ def acl_grants(
     devices = _check_users(device_ids, aggregator_user, keyholder_user)
     grants: dict[str, tuple[TopicGrant, ...]] = {
         aggregator_user: (
-            TopicGrant(access="write", topic=prefix + "model"),
+            TopicGrant(access="write", topic=prefix + "model/+"),
             TopicGrant(access="write", topic=prefix + "round"),
             TopicGrant(access="read", topic=prefix + "updates/+"),
             TopicGrant(access="write", topic=prefix + "ack/+"),
@@ -121,13 +121,16 @@ def acl_grants(
             TopicGrant(access="read", topic=prefix + "keyholder/result"),
         ),
         keyholder_user: (
+            # read-only witness of the ciphertexts: the key holder decrypts a
+            # sum only if it can rebuild it from the devices' own updates
+            TopicGrant(access="read", topic=prefix + "updates/+"),
             TopicGrant(access="read", topic=prefix + "keyholder/request"),
             TopicGrant(access="write", topic=prefix + "keyholder/result"),
         ),
     }
     for device in devices:
         grants[device] = (
-            TopicGrant(access="read", topic=prefix + "model"),
+            TopicGrant(access="read", topic=prefix + "model/+"),
             TopicGrant(access="read", topic=prefix + "round"),
             TopicGrant(access="write", topic=f"{prefix}updates/{device}"),
             TopicGrant(access="read", topic=f"{prefix}ack/{device}"),

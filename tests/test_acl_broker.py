@@ -146,13 +146,13 @@ def test_device_cannot_read_another_devices_receipts(secured: Secured) -> None:
 def test_device_cannot_impersonate_the_aggregator_or_the_key_holder(secured: Secured) -> None:
     model, keyholder_inbox, device_spy = Inbox(), Inbox(), Inbox()
     agg = secured.connected("aggregator")
-    agg.publish(P + "model", b"real model", retain=True)
+    agg.publish(P + "model/0", b"real model", retain=True)
     assert agg.flush(WAIT)
     b = secured.connected("dB")
-    b.subscribe(P + "model", model)
+    b.subscribe(P + "model/0", model)
     assert model.get().payload == b"real model"
     a = secured.connected("dA")
-    a.publish(P + "model", b"fake model", retain=True)
+    a.publish(P + "model/0", b"fake model", retain=True)
     a.publish(P + "keyholder/result", b"fake aggregate")
     assert a.flush(WAIT)
     assert a.refused_publishes == 2
@@ -163,13 +163,13 @@ def test_device_cannot_impersonate_the_aggregator_or_the_key_holder(secured: Sec
     a.subscribe(P + "ack/dA", device_spy)
     agg.publish(P + "keyholder/request", b"Enc(sum)")
     assert keyholder_inbox.get().payload == b"Enc(sum)"
-    agg.publish(P + "model", b"model 2", retain=True)
+    agg.publish(P + "model/0", b"model 2", retain=True)
     agg.publish(P + "ack/dA", b"marker")
     assert [m.payload for m in model.until(b"model 2")] == []
     assert device_spy.until(b"marker") == []
     # a late subscriber sees the aggregator's retained model, not the forgery
     late = Inbox()
-    secured.connected("dA").subscribe(P + "model", late)
+    secured.connected("dA").subscribe(P + "model/0", late)
     assert late.get().payload == b"model 2"
 
 

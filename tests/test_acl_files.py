@@ -78,13 +78,13 @@ def test_each_role_gets_exactly_its_topics() -> None:
     # device A
     assert _allowed(a, "write", P + "updates/dA")
     assert _allowed(a, "write", P + "status/dA")
-    assert _allowed(a, "read", P + "model")
+    assert _allowed(a, "read", P + "model/0")
     assert _allowed(a, "read", P + "round")
     assert _allowed(a, "read", P + "ack/dA")
     for forbidden_write in (
         "updates/dB",
         "status/dB",
-        "model",
+        "model/0",
         "round",
         "ack/dA",
         "keyholder/result",
@@ -95,7 +95,7 @@ def test_each_role_gets_exactly_its_topics() -> None:
     # aggregator
     for topic in ("updates/dA", "updates/dB", "status/dA", "keyholder/result"):
         assert _allowed(agg, "read", P + topic)
-    for topic in ("model", "round", "ack/dA", "ack/dB", "keyholder/request"):
+    for topic in ("model/0", "model/7", "round", "ack/dA", "ack/dB", "keyholder/request"):
         assert _allowed(agg, "write", P + topic)
     assert not _allowed(agg, "read", P + "keyholder/request")
     assert not _allowed(agg, "write", P + "keyholder/result")
@@ -103,10 +103,12 @@ def test_each_role_gets_exactly_its_topics() -> None:
     # key holder
     assert _allowed(kh, "read", P + "keyholder/request")
     assert _allowed(kh, "write", P + "keyholder/result")
-    assert not _allowed(kh, "read", P + "updates/dA")
-    assert not _allowed(kh, "read", P + "model")
+    assert _allowed(kh, "read", P + "updates/dA")  # the witness of ciphertexts
+    assert not _allowed(kh, "write", P + "updates/dA")
+    assert not _allowed(kh, "read", P + "ack/dA")
+    assert not _allowed(kh, "read", P + "model/0")
     # nothing outside the federation
-    assert not any(_allowed(g, "read", "edgefl/v1/other/model") for g in grants.values())
+    assert not any(_allowed(g, "read", "edgefl/v1/other/model/0") for g in grants.values())
 
 
 def test_acl_file_has_no_anonymous_section() -> None:
@@ -269,3 +271,24 @@ def test_cli_reuse_keeps_passwords_of_remaining_users(
 def test_cli_usage_errors_exit_2(args: list[str], tmp_path: Path) -> None:
     resolved = [str(tmp_path / "o") if a == "X" else a for a in args]
     assert main(["broker", "acl", *resolved]) == 2
+
+
+def test_grants_cover_every_topic_the_code_uses() -> None:
+    # Derived from the protocol's own topic names, so a topic layout change
+    # that the ACL misses (as model/{i} chunks once did) fails here.
+    from edge_sdk.protocol import Topics
+
+    t = Topics("fed")
+    grants = generate_broker_auth("fed", ["dA", "dB"]).grants
+    device, agg, kh = grants["dA"], grants["aggregator"], grants["keyholder"]
+    for topic in (t.round, t.model(0), t.model(12), t.ack("dA")):
+        assert _allowed(device, "read", topic), topic
+    for topic in (t.updates("dA"), t.status("dA")):
+        assert _allowed(device, "write", topic), topic
+    for topic in (t.round, t.model(0), t.model(12), t.ack("dB"), t.keyholder_request):
+        assert _allowed(agg, "write", topic), topic
+    for topic in (t.updates("dB"), t.status("dB"), t.keyholder_result):
+        assert _allowed(agg, "read", topic), topic
+    for topic in (t.updates("dA"), t.keyholder_request):
+        assert _allowed(kh, "read", topic), topic
+    assert _allowed(kh, "write", t.keyholder_result)
