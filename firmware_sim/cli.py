@@ -44,9 +44,92 @@ def _config(args: argparse.Namespace) -> Any:
         raise ConfigError(str(exc)) from None
 
 
+def _cmd_run_fleet(args: argparse.Namespace) -> int:
+    """Full stack over a broker: real agents, aggregator service, key holder."""
+    import tempfile
+
+    from edge_sdk.errors import ConfigError
+    from firmware_sim.fleet import DeviceProfile, Fleet, FleetConfig
+    from firmware_sim.report import plot_rounds
+
+    if args.setting == "float" or args.crypto == "off":
+        raise ConfigError("--broker runs the real stack: use --setting dp or he with crypto on")
+    try:
+        profile = DeviceProfile(
+            slowdown=args.slowdown,
+            availability=args.availability,
+            reboot_prob=args.reboot_prob,
+            link_latency_ms=args.link_latency_ms,
+        )
+        config = FleetConfig(
+            devices=args.devices,
+            rounds=args.rounds,
+            dataset=args.dataset,
+            model=args.model,
+            hidden=args.hidden,
+            partition=args.partition,
+            alpha=args.alpha,
+            privacy=args.setting,
+            epsilon=args.epsilon,
+            delta=args.delta,
+            clip=args.clip,
+            min_clients=args.min_clients,
+            round_duration_s=args.round_duration,
+            local_epochs=args.local_epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            server_opt=args.server_opt,
+            server_lr=args.server_lr,
+            broker=args.broker,
+            profile=profile,
+            seed=args.seed,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    quiet = args.json == "-"
+
+    def progress(kind: str, data: dict[str, Any]) -> None:
+        if quiet:
+            return
+        if kind == "setup":
+            print(f"  ... {data['step']}", flush=True)
+        elif kind == "round":
+            eps = f", epsilon {data['epsilon']:.2f}" if data["epsilon"] else ""
+            print(
+                f"round {data['round']:>3}/{config.rounds}: {data['contributors']:>4}/"
+                f"{data['expected']} updates, accuracy {100 * data['accuracy']:5.1f}%{eps}, "
+                f"{data['seconds']:.1f} s",
+                flush=True,
+            )
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="edgefl-sim-"))
+    result = Fleet(config, workdir, progress=progress).run()
+    summary = result.to_json()
+    if args.report:
+        out = Path(args.report)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "summary.json", summary)
+        plot_rounds(
+            out / "report.png",
+            summary["per_round"],
+            title=f"{config.devices} devices over {result.broker}, {config.model} on "
+            f"{config.dataset}, {config.privacy}",
+        )
+    if args.json:
+        write_json(args.json, summary)
+    if not quiet:
+        print(
+            f"final accuracy {100 * (summary['final_accuracy'] or 0):.1f}% in "
+            f"{result.seconds:.1f} s; reboots {result.reboots}; rejections {result.rejections}"
+        )
+    return EXIT_OK
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from firmware_sim.engine import RoundResult, run
 
+    if args.broker != "none":
+        return _cmd_run_fleet(args)
     config = _config(args)
     quiet = args.json == "-"
 
@@ -133,6 +216,39 @@ def register(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--server-opt", choices=("fedavg", "fedavgm", "fedadam"), default="fedavg")
     run.add_argument("--min-clients", type=int, help="quorum (default: half the expected)")
     run.add_argument("--seed", type=int, default=0)
+    stack = run.add_argument_group(
+        "full stack over a broker",
+        "With --broker, every device is a real agent with its own MQTT connection, ledger and "
+        "outbox, talking to the real aggregator service and key holder (tens of devices).",
+    )
+    stack.add_argument(
+        "--broker",
+        default="none",
+        help="none (direct simulation, default) | auto | mosquitto | embedded | mqtt://host:port",
+    )
+    stack.add_argument(
+        "--availability", type=float, default=1.0, help="probability a device takes part in a round"
+    )
+    stack.add_argument(
+        "--reboot-prob",
+        type=float,
+        default=0.0,
+        help="probability of a reboot between storing an update and its receipt",
+    )
+    stack.add_argument(
+        "--slowdown",
+        type=float,
+        default=1.0,
+        help="CPU slowdown factor of every device (a Pi 4 is ~3-6x)",
+    )
+    stack.add_argument(
+        "--link-latency-ms",
+        type=float,
+        default=0.0,
+        help="one-way latency added by the fault proxy",
+    )
+    stack.add_argument("--round-duration", type=float, default=60.0, help="round deadline, s")
+    stack.add_argument("--workdir", help="keep keys, store and device state here")
     run.add_argument("--json", metavar="FILE", help="write the summary as JSON ('-' = stdout)")
     run.add_argument("--report", metavar="DIR", help="write summary.json and report.png here")
     run.set_defaults(func=_cmd_run)

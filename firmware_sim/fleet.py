@@ -39,7 +39,14 @@ from aggregator.planning import plan_rounds
 from aggregator.rounds import RoundConfig, RoundMachine
 from aggregator.service import AggregatorService
 from aggregator.store import AggregatorStore
-from edge_sdk.agent import AgentHooks, DeviceAgent, DeviceConfig, ModelTrainer, transport_config
+from edge_sdk.agent import (
+    AgentHalt,
+    AgentHooks,
+    DeviceAgent,
+    DeviceConfig,
+    ModelTrainer,
+    transport_config,
+)
 from edge_sdk.crypto import generate_keypair, save_public_key
 from edge_sdk.errors import EdgeFLError
 from edge_sdk.identity import DeviceIdentity, DeviceRegistry
@@ -56,7 +63,7 @@ __all__ = ["DeviceProfile", "Fleet", "FleetConfig", "FleetResult", "FleetRound"]
 log = logging.getLogger(__name__)
 
 
-class SimulatedReboot(Exception):
+class SimulatedReboot(AgentHalt):
     """Raised inside a device agent to simulate a power loss mid-round."""
 
 
@@ -397,8 +404,10 @@ class Fleet:
         )
         service = AggregatorService(machine, store, transport, keyholder=keyholder)
         self.progress("setup", {"step": f"starting {cfg.devices} devices"})
+        self._schedule_availability()  # round 1's drop-outs never come online
         for device_id in self._device_specs:
-            self._start_agent(device_id)
+            if device_id not in self._offline:
+                self._start_agent(device_id)
         service.start(connect_timeout=30)
         return service
 
@@ -409,13 +418,20 @@ class Fleet:
         machine = service.machine
         deadline = time.monotonic() + (timeout_s or cfg.rounds * (cfg.round_duration_s + 30))
         seen_version = 0
-        current_round = -1
+        current_round = 1  # round 1's availability was drawn at set-up
         last_model_at = time.perf_counter()
         last_count = -1
-        expected = cfg.devices
+        expected = cfg.devices - len(self._offline)
         while not machine.finished and time.monotonic() < deadline:
             service.pump(timeout=0.05)
             self._handle_reboots()
+            model = machine.model
+            if model is not None and model.version > seen_version:
+                # before the next round's drop-outs change ``expected``
+                seen_version = model.version
+                result.rounds.append(self._evaluate(model, service, last_model_at, expected))
+                last_model_at = time.perf_counter()
+                self.progress("round", asdict(result.rounds[-1]))
             if machine.round_id != current_round:
                 current_round = machine.round_id
                 expected = self._schedule_availability()
@@ -425,12 +441,6 @@ class Fleet:
                 self.progress(
                     "update", {"round": current_round, "received": last_count, "expected": expected}
                 )
-            model = machine.model
-            if model is not None and model.version > seen_version:
-                seen_version = model.version
-                result.rounds.append(self._evaluate(model, service, last_model_at, expected))
-                last_model_at = time.perf_counter()
-                self.progress("round", asdict(result.rounds[-1]))
         if not result.rounds:
             raise EdgeFLError("no round completed before the timeout")
         result.dimension = self._plan.dimension
@@ -465,7 +475,7 @@ class Fleet:
         for device_id in sorted(self._device_specs):
             with self._lock:
                 offline = availability < 1.0 and self._rng.random() >= availability
-            if offline and device_id in self.agents:
+            if offline:
                 self._stop_agent(device_id)
                 self._offline.add(device_id)
             elif not offline and device_id in self._offline:

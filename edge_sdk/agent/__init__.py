@@ -6,11 +6,19 @@ drives it with a transport, the disk (ledger, outbox, model) and a trainer.
 
 from edge_sdk.agent.config import DeviceConfig, load_device_config
 from edge_sdk.agent.outbox import Outbox
-from edge_sdk.agent.runner import AgentHooks, DeviceAgent, Trainer, TrainResult, transport_config
+from edge_sdk.agent.runner import (
+    AgentHalt,
+    AgentHooks,
+    DeviceAgent,
+    Trainer,
+    TrainResult,
+    transport_config,
+)
 from edge_sdk.agent.session import DeviceSession, OutboxEntry, Phase
 from edge_sdk.agent.trainer import ModelTrainer, train_config_from
 
 __all__ = [
+    "AgentHalt",
     "AgentHooks",
     "DeviceAgent",
     "DeviceConfig",

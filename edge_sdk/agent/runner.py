@@ -84,11 +84,19 @@ from edge_sdk.transport import (
     Will,
 )
 
-__all__ = ["AgentHooks", "DeviceAgent", "TrainResult", "Trainer", "transport_config"]
+__all__ = ["AgentHalt", "AgentHooks", "DeviceAgent", "TrainResult", "Trainer", "transport_config"]
 
 log = logging.getLogger(__name__)
 
 FloatVec = npt.NDArray[np.float32]
+
+
+class AgentHalt(Exception):
+    """Raised by a hook to stop the agent at once (a simulated power loss).
+
+    The worker thread ends without cleanup, as a reboot would end it; what
+    was made durable before (ledger, outbox) is what a restarted agent finds.
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,6 +343,9 @@ class DeviceAgent:
                 if event is None:
                     break
                 self._dispatch(event)
+        except AgentHalt as exc:
+            self.error = exc
+            log.info("device agent %s halted: %s", self.config.device_id, exc)
         except BaseException as exc:  # surfaced to the owner, never silent
             self.error = exc
             log.exception("device agent %s stopped on an error", self.config.device_id)
