@@ -177,3 +177,28 @@ def test_oversize_update_is_chunked(
         assert len(sizes) >= 2 and max(sizes) <= 1300
     finally:
         agent.stop()
+
+
+def test_he_only_round_clips_with_the_announced_clip(
+    tmp_path: Path, keypair: tuple[PaillierPublicKey, PaillierPrivateKey], world: tuple
+) -> None:
+    broker, agg, registry = world
+    agent = make_agent(tmp_path, "he", broker, keypair[0], require_privacy=False)
+    registry.enroll("he", agent.identity.public_key_bytes)
+    agent.start(connect_timeout=5)
+    try:
+        agg.publish_model(0, np.zeros(DIM, dtype=np.float32))
+        agg.announce(
+            1,
+            dimension=DIM,
+            noise=None,
+            train=(("epochs", 3), ("lr", 1.0), ("batch_size", 8), ("clip", 0.05)),
+        )
+        wait_for(lambda: len(agg.updates) == 1, what="HE-only update")
+        private = agent.last_private
+        assert private is not None
+        assert private.clipped and private.original_norm > 0.05
+        assert private.clamped == 0  # clipped to the plan's clip: nothing hits the slot range
+        assert agent.ledger.entries == ()  # no noise, nothing charged
+    finally:
+        agent.stop()

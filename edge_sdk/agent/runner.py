@@ -61,7 +61,7 @@ from edge_sdk.errors import (
     RemoteProtocolError,
 )
 from edge_sdk.identity import DeviceIdentity
-from edge_sdk.pipeline import RoundContext, build_update
+from edge_sdk.pipeline import PrivatizedUpdate, RoundContext, build_update
 from edge_sdk.privacy import PrivacyLedger, cost_of, update_digest
 from edge_sdk.protocol import (
     Chunk,
@@ -239,6 +239,7 @@ class DeviceAgent:
         self._stop = threading.Event()
         self.rejected_inbound = 0
         self.last_metrics: dict[str, float] = {}
+        self.last_private: PrivatizedUpdate | None = None
         self.rounds_sent: list[int] = []
         self.error: BaseException | None = None
         self._load_model()
@@ -436,17 +437,20 @@ class DeviceAgent:
         self.last_metrics = dict(result.metrics)
         delta = result.weights.astype(np.float64) - self.weights.astype(np.float64)
         try:
-            update, _private = build_update(
+            clip = ann.train_config().get("clip") if ctx.noise is None else None
+            update, private = build_update(
                 delta,
                 ctx,
                 self.identity,
                 pool=self.pool,
+                clip=float(clip) if isinstance(clip, (int, float)) else None,
                 rng=self.rng,
                 allow_insecure_rng=self.allow_insecure_rng,
                 now_ms=self.clock(),
             )
         except (ValueError, EdgeFLError) as exc:
             return fail("privatize_failed", str(exc))
+        self.last_private = private
         payload = update.to_bytes()
         if cost is not None and ctx.noise is not None:
             self.ledger.record(
