@@ -17,7 +17,7 @@ log = logging.getLogger("edgefl.aggregator")
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    """Add ``serve`` and ``init``."""
+    """Add ``serve``, ``identity`` and ``init``."""
     sub = parser.add_subparsers(dest="aggregator_command", metavar="ACTION")
     serve = sub.add_parser("serve", help="run rounds until stopped (or the rounds are done)")
     serve.add_argument("--config", required=True, help="aggregator.toml")
@@ -25,10 +25,30 @@ def register(parser: argparse.ArgumentParser) -> None:
         "--exit-when-done", action="store_true", help="exit after the configured rounds"
     )
     serve.set_defaults(func=_serve)
+    ident = sub.add_parser(
+        "identity", help="print the aggregator's signing public key (for device configs)"
+    )
+    ident.add_argument("--config", required=True, help="aggregator.toml")
+    ident.add_argument("--json", action="store_true", help="print as JSON")
+    ident.set_defaults(func=_identity)
     init = sub.add_parser("init", help="write an example aggregator.toml")
     init.add_argument("path", nargs="?", default="aggregator.toml")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
     init.set_defaults(func=_init)
+
+
+def _identity(args: argparse.Namespace) -> int:
+    from aggregator.config import aggregator_identity, load_config
+    from edge_sdk.cli import emit
+
+    identity = aggregator_identity(load_config(args.config))
+    key = identity.public_key_bytes.hex()
+    emit(
+        {"aggregator_key": key},
+        as_json=args.json,
+        text=f'{key}\n(put it in each device.toml as [keys] aggregator_key = "{key}")',
+    )
+    return 0
 
 
 def _init(args: argparse.Namespace) -> int:

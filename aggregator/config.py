@@ -19,7 +19,14 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["EXAMPLE", "ServiceConfig", "build_aggregator", "build_keyholder", "load_config"]
+__all__ = [
+    "EXAMPLE",
+    "ServiceConfig",
+    "aggregator_identity",
+    "build_aggregator",
+    "build_keyholder",
+    "load_config",
+]
 
 EXAMPLE = """\
 # edgefl aggregator configuration (paths are relative to this file)
@@ -29,6 +36,9 @@ federation = "demo"
 store = "aggregator.db"              # SQLite (WAL); back it up with `sqlite3 .backup`
 public_key = "keys/paillier_public.json"     # the federation's Paillier PUBLIC key
 registry = "registry.json"           # enrolled devices (Ed25519 public keys)
+identity = "aggregator.key"          # Ed25519 key signing rounds, models, receipts
+                                     # (created if missing; give devices its public key:
+                                     #  `edgefl aggregator identity --config ...`)
 dimension = 7850                     # model parameters
 initial_model = ""                   # .npy float32 vector; zeros when empty
 min_clients = 10                     # quorum (the key holder enforces its own too)
@@ -79,6 +89,7 @@ manual_ack = true
 
 _AGG_KEYS = {
     "federation",
+    "identity",
     "store",
     "public_key",
     "registry",
@@ -161,15 +172,27 @@ def load_config(path: str | Path) -> ServiceConfig:
     return ServiceConfig(p.resolve().parent, agg, kh, dict(doc.get("transport", {})))
 
 
-def _identity(cfg: ServiceConfig) -> Any:
+def _load_or_create(path: Path, name: str) -> Any:
     from edge_sdk.identity import DeviceIdentity
 
-    path = cfg.path(str(cfg.keyholder.get("identity", "keyholder.key")))
     if path.exists():
         return DeviceIdentity.load(path)
-    ident = DeviceIdentity.generate("keyholder")
+    ident = DeviceIdentity.generate(name)
     ident.save(path)
     return ident
+
+
+def _identity(cfg: ServiceConfig) -> Any:
+    return _load_or_create(
+        cfg.path(str(cfg.keyholder.get("identity", "keyholder.key"))), "keyholder"
+    )
+
+
+def aggregator_identity(cfg: ServiceConfig) -> Any:
+    """The aggregator's Ed25519 identity (created on first use)."""
+    return _load_or_create(
+        cfg.path(str(cfg.aggregator.get("identity", "aggregator.key"))), "aggregator"
+    )
 
 
 def build_keyholder(cfg: ServiceConfig) -> Any:
@@ -275,6 +298,7 @@ def build_aggregator(cfg: ServiceConfig, *, transport: Any = None) -> Any:
         make_optimizer(optimizer_settings),
         initial_weights=weights,
         keyholder=KeyholderVerifier(trusted),
+        identity=aggregator_identity(cfg),
     )
     store = AggregatorStore(
         cfg.path(str(agg.get("store", "aggregator.db"))),

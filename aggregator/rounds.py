@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -48,7 +48,7 @@ from aggregator.optimizers import ServerOptimizer, mean_delta
 from aggregator.planning import RoundPlan, build_announcement
 from edge_sdk.crypto import CiphertextAccumulator, CiphertextVector
 from edge_sdk.errors import DecodeError, InvalidCiphertextError, InvalidSignatureError
-from edge_sdk.identity import DeviceRegistry
+from edge_sdk.identity import DeviceIdentity, DeviceRegistry, SignedMessage, sign_message
 from edge_sdk.protocol import (
     Chunk,
     ContributorProof,
@@ -84,6 +84,8 @@ __all__ = [
     "Start",
     "Tick",
 ]
+
+_S = TypeVar("_S", bound=SignedMessage)
 
 log = logging.getLogger("edgefl.aggregator.rounds")
 
@@ -331,6 +333,8 @@ class RoundMachine:
         optimizer: the server optimizer (its state is restored from snapshots).
         initial_weights: version-0 model weights, used on the very first start.
         keyholder: verifier of key holder results.
+        identity: the aggregator's Ed25519 identity; when given, every
+            announcement, model and receipt is signed.
     """
 
     def __init__(
@@ -342,6 +346,7 @@ class RoundMachine:
         *,
         initial_weights: npt.ArrayLike | None = None,
         keyholder: KeyholderVerifier | None = None,
+        identity: DeviceIdentity | None = None,
     ) -> None:
         """Create the machine; call :meth:`restore` (or nothing) then feed :class:`Start`."""
         if config.min_clients != plan.min_clients:
@@ -353,6 +358,10 @@ class RoundMachine:
         self.registry = registry
         self.optimizer = optimizer
         self.keyholder = keyholder or KeyholderVerifier(None)
+        # Signs announcements, models and receipts (devices that pin its
+        # public key refuse unsigned or forged ones). Ed25519 is
+        # deterministic, so a restarted machine re-signs to the same bytes.
+        self.identity = identity
         self.topics = Topics(config.federation)
         self.public_key = plan.public_key
         self._fingerprint = bytes.fromhex(plan.public_key.fingerprint)
@@ -487,15 +496,17 @@ class RoundMachine:
                 raise ValueError("first start needs initial_weights")
             weights = self._initial.astype("<f4").tobytes()
             parent = bytes(32)
-            model = GlobalModel(
-                federation=self.config.federation,
-                version=0,
-                round_id=0,
-                parent_digest=parent,
-                digest=model_digest(0, parent, weights),
-                num_params=self.plan.dimension,
-                weights=weights,
-                created_ms=now,
+            model = self._sign(
+                GlobalModel(
+                    federation=self.config.federation,
+                    version=0,
+                    round_id=0,
+                    parent_digest=parent,
+                    digest=model_digest(0, parent, weights),
+                    num_params=self.plan.dimension,
+                    weights=weights,
+                    created_ms=now,
+                )
             )
             self._model = model
             record = self._open(1, now)
@@ -509,17 +520,22 @@ class RoundMachine:
             actions.append(RequestDecryption(request=self._request))
         return actions
 
+    def _sign(self, message: _S) -> _S:
+        return message if self.identity is None else sign_message(message, self.identity)
+
     def _open(self, round_id: int, now: int) -> RoundRecord:
         assert self._model is not None
-        ann = build_announcement(
-            self.plan,
-            federation=self.config.federation,
-            round_id=round_id,
-            model=self._model,
-            issued_ms=now,
-            deadline_ms=now + self.config.round_duration_ms,
-            cohort=self.config.cohort,
-            train=self.config.train,
+        ann = self._sign(
+            build_announcement(
+                self.plan,
+                federation=self.config.federation,
+                round_id=round_id,
+                model=self._model,
+                issued_ms=now,
+                deadline_ms=now + self.config.round_duration_ms,
+                cohort=self.config.cohort,
+                train=self.config.train,
+            )
         )
         record = RoundRecord(
             round_id=round_id, phase="collecting", announcement=ann.to_bytes(), opened_ms=now
@@ -579,13 +595,15 @@ class RoundMachine:
     def _receipt(
         self, device_id: str, update: EncryptedUpdate, status: str, now: int
     ) -> SendReceipt:
-        receipt = Receipt(
-            federation=self.config.federation,
-            round_id=update.round_id,
-            device_id=device_id,
-            update_digest=update.update_digest,
-            status=status,
-            issued_ms=now,
+        receipt = self._sign(
+            Receipt(
+                federation=self.config.federation,
+                round_id=update.round_id,
+                device_id=device_id,
+                update_digest=update.update_digest,
+                status=status,
+                issued_ms=now,
+            )
         )
         return SendReceipt(topic=self.topics.ack(device_id), receipt=receipt)
 
@@ -816,15 +834,17 @@ class RoundMachine:
             ]
         weights = new.tobytes()
         version = self._model.version + 1
-        model = GlobalModel(
-            federation=self.config.federation,
-            version=version,
-            round_id=self._record.round_id,
-            parent_digest=self._model.digest,
-            digest=model_digest(version, self._model.digest, weights),
-            num_params=self.plan.dimension,
-            weights=weights,
-            created_ms=now,
+        model = self._sign(
+            GlobalModel(
+                federation=self.config.federation,
+                version=version,
+                round_id=self._record.round_id,
+                parent_digest=self._model.digest,
+                digest=model_digest(version, self._model.digest, weights),
+                num_params=self.plan.dimension,
+                weights=weights,
+                created_ms=now,
+            )
         )
         done = _replace(self._record, phase="done", result=blob, outcome="ok")
         self._model = model

@@ -14,12 +14,13 @@ verification.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -31,7 +32,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from edge_sdk._fs import atomic_write, check_private
 from edge_sdk.errors import ConfigError, InvalidSignatureError, KeyFileError
 
-__all__ = ["DeviceIdentity", "DeviceRecord", "DeviceRegistry", "verify_signature"]
+__all__ = [
+    "DeviceIdentity",
+    "DeviceRecord",
+    "DeviceRegistry",
+    "SignedMessage",
+    "sign_message",
+    "verify_message",
+    "verify_signature",
+]
 
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -111,6 +120,39 @@ def verify_signature(public_key: bytes, data: bytes, signature: bytes) -> None:
         Ed25519PublicKey.from_public_bytes(public_key).verify(signature, data)
     except (InvalidSignature, ValueError):
         raise InvalidSignatureError("signature does not verify") from None
+
+
+class SignedMessage(Protocol):
+    """A wire message carrying an optional signature over ``signed_bytes()``."""
+
+    @property
+    def signature(self) -> bytes:
+        """The signature (empty when unsigned)."""
+        ...
+
+    def signed_bytes(self) -> bytes:
+        """The bytes the signature covers."""
+        ...
+
+
+M = TypeVar("M", bound=SignedMessage)
+
+
+def sign_message(message: M, identity: DeviceIdentity) -> M:
+    """Return a copy of ``message`` signed by ``identity`` (Ed25519 is deterministic)."""
+    signature = identity.sign(message.signed_bytes())
+    return dataclasses.replace(message, signature=signature)  # type: ignore[type-var]
+
+
+def verify_message(message: SignedMessage, public_key: bytes) -> None:
+    """Check a message's signature against a pinned public key.
+
+    Raises:
+        InvalidSignatureError: unsigned (``reason="unsigned"``) or a bad signature.
+    """
+    if not message.signature:
+        raise InvalidSignatureError("message is not signed", reason="unsigned")
+    verify_signature(public_key, message.signed_bytes(), message.signature)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -21,6 +21,7 @@ so this mode suits tens of devices; thousands run in
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import shutil
@@ -365,6 +366,11 @@ class Fleet:
             policy=policy,
         )
         self._plan = plan
+        aggregator_identity = DeviceIdentity.generate("aggregator")
+        for spec in self._device_specs.values():  # devices pin the aggregator's key
+            spec["config"] = dataclasses.replace(
+                spec["config"], aggregator_key=aggregator_identity.public_key_bytes
+            )
         identity = DeviceIdentity.generate("keyholder")
         keyholder = KeyHolder(
             sk, registry, federation=cfg.federation, min_clients=quorum, identity=identity
@@ -384,6 +390,7 @@ class Fleet:
             make_optimizer({"name": cfg.server_opt, "lr": cfg.server_lr}),
             initial_weights=weights,
             keyholder=KeyholderVerifier(identity.public_key_bytes),
+            identity=aggregator_identity,
         )
         store = AggregatorStore(
             self.workdir / "aggregator.db",

@@ -11,7 +11,7 @@ import numpy as np
 
 from edge_sdk.crypto import PackingSpec, PaillierPublicKey
 from edge_sdk.errors import EdgeFLError
-from edge_sdk.identity import DeviceRegistry
+from edge_sdk.identity import DeviceIdentity, DeviceRegistry, sign_message
 from edge_sdk.pipeline import encode_noise_spec
 from edge_sdk.privacy import DPPolicy, NoiseSpec, calibrate
 from edge_sdk.protocol import (
@@ -50,6 +50,7 @@ class ScriptedAggregator:
         public_key: PaillierPublicKey,
         registry: DeviceRegistry | None = None,
         auto_receipt: bool = True,
+        identity: DeviceIdentity | None = None,
     ) -> None:
         self.t = transport
         self.federation = federation
@@ -57,6 +58,7 @@ class ScriptedAggregator:
         self.pk = public_key
         self.registry = registry
         self.auto_receipt = auto_receipt
+        self.identity = identity
         self.asm = Reassembler()
         self.updates: list[EncryptedUpdate] = []
         self.raw_update_payloads: list[bytes] = []
@@ -95,29 +97,36 @@ class ScriptedAggregator:
         if self.auto_receipt:
             self.receipt(update, "accepted")
 
+    def _sign(self, message: Any) -> Any:
+        return message if self.identity is None else sign_message(message, self.identity)
+
     def receipt(self, update: EncryptedUpdate, status: str) -> None:
-        receipt = Receipt(
-            federation=self.federation,
-            round_id=update.round_id,
-            device_id=update.device_id,
-            update_digest=update.update_digest,
-            status=status,
-            issued_ms=int(time.time() * 1000),
+        receipt = self._sign(
+            Receipt(
+                federation=self.federation,
+                round_id=update.round_id,
+                device_id=update.device_id,
+                update_digest=update.update_digest,
+                status=status,
+                issued_ms=int(time.time() * 1000),
+            )
         )
         self.t.publish(self.topics.ack(update.device_id), receipt.to_bytes(), qos=1)
 
     def publish_model(self, version: int, weights: np.ndarray) -> GlobalModel:
         raw = np.asarray(weights, dtype="<f4").tobytes()
         parent = self.model.digest if self.model is not None else ZERO
-        model = GlobalModel(
-            federation=self.federation,
-            version=version,
-            round_id=version,
-            parent_digest=parent,
-            digest=model_digest(version, parent, raw),
-            num_params=len(raw) // 4,
-            weights=raw,
-            created_ms=int(time.time() * 1000),
+        model = self._sign(
+            GlobalModel(
+                federation=self.federation,
+                version=version,
+                round_id=version,
+                parent_digest=parent,
+                digest=model_digest(version, parent, raw),
+                num_params=len(raw) // 4,
+                weights=raw,
+                created_ms=int(time.time() * 1000),
+            )
         )
         chunks = split_payload(
             model.to_bytes(),
@@ -160,21 +169,23 @@ class ScriptedAggregator:
             )
         assert self.model is not None
         now = int(time.time() * 1000)
-        ann = RoundAnnouncement(
-            federation=self.federation,
-            round_id=round_id,
-            model_version=self.model.version,
-            model_digest=self.model.digest,
-            issued_ms=now,
-            deadline_ms=now + 600_000 if deadline_ms is None else deadline_ms,
-            cohort=cohort,
-            min_clients=min_clients,
-            max_contributors=10,
-            key_fingerprint=bytes.fromhex(self.pk.fingerprint),
-            packing=spec.to_bytes(),
-            packing_digest=spec.digest(),
-            privacy=encode_noise_spec(noise if isinstance(noise, NoiseSpec) else None),
-            train=train,
+        ann = self._sign(
+            RoundAnnouncement(
+                federation=self.federation,
+                round_id=round_id,
+                model_version=self.model.version,
+                model_digest=self.model.digest,
+                issued_ms=now,
+                deadline_ms=now + 600_000 if deadline_ms is None else deadline_ms,
+                cohort=cohort,
+                min_clients=min_clients,
+                max_contributors=10,
+                key_fingerprint=bytes.fromhex(self.pk.fingerprint),
+                packing=spec.to_bytes(),
+                packing_digest=spec.digest(),
+                privacy=encode_noise_spec(noise if isinstance(noise, NoiseSpec) else None),
+                train=train,
+            )
         )
         self.t.publish(self.topics.round, ann.to_bytes(), qos=1, retain=True)
         return ann

@@ -50,6 +50,7 @@ def make_agent(
         delta=1e-5,  # type: ignore[arg-type]
         resend_initial_s=0.2,
         resend_max_s=1.0,
+        aggregator_key=kw.pop("aggregator_key", None),  # type: ignore[arg-type]
     )
     rng = np.random.default_rng(abs(hash(device_id)) % 2**32)
     x = rng.normal(size=(40, FEATURES)).astype(np.float32)
@@ -202,3 +203,51 @@ def test_he_only_round_clips_with_the_announced_clip(
         assert agent.ledger.entries == ()  # no noise, nothing charged
     finally:
         agent.stop()
+
+
+def test_pinned_aggregator_key_refuses_forged_models_rounds_and_receipts(
+    tmp_path: Path, keypair: tuple[PaillierPublicKey, PaillierPrivateKey]
+) -> None:
+    from edge_sdk.identity import DeviceIdentity
+
+    pk = keypair[0]
+    broker = MemoryBroker()
+    registry = DeviceRegistry(tmp_path / "registry.json", FED)
+    real = DeviceIdentity.generate("aggregator")
+    agg_t = broker.transport("aggregator")
+    agg = ScriptedAggregator(
+        agg_t, federation=FED, public_key=pk, registry=registry, identity=real, auto_receipt=False
+    )
+    agg_t.connect(timeout=5)
+    forger_t = broker.transport("broker-insider")
+    forger = ScriptedAggregator(
+        forger_t, federation=FED, public_key=pk, identity=DeviceIdentity.generate("aggregator")
+    )
+    forger_t.connect(timeout=5)
+    agent = make_agent(tmp_path, "pinned", broker, pk, aggregator_key=real.public_key_bytes)
+    registry.enroll("pinned", agent.identity.public_key_bytes)
+    agent.start(connect_timeout=5)
+    try:
+        agg.publish_model(0, np.zeros(DIM, dtype=np.float32))
+        wait_for(lambda: agent.session.model_version == 0, what="genuine model")
+        # a forged, newer model (signed by another key) and an unsigned one
+        forger.model = agg.model
+        forger.publish_model(1, np.full(DIM, 9.0, dtype=np.float32))
+        forger.identity = None
+        forger.publish_model(2, np.full(DIM, 7.0, dtype=np.float32))
+        agg.announce(1, dimension=DIM)
+        wait_for(lambda: len(agg.updates) == 1, what="update for the genuine round")
+        assert agent.session.model_version == 0 and agent.weights is not None
+        assert float(np.abs(agent.weights).max()) == 0.0
+        # a forged receipt does not clear the outbox; the genuine one does
+        forger.identity = DeviceIdentity.generate("aggregator")
+        forger.receipt(agg.updates[0], "accepted")
+        wait_for(lambda: agent.rejected_inbound >= 3, what="forged receipt refused")
+        assert agent.session.outbox is not None  # still waiting for the real one
+        agg.receipt(agg.updates[0], "accepted")
+        wait_for(lambda: agent.session.outbox is None, what="genuine receipt")
+        assert agent.rejected_inbound >= 3
+    finally:
+        agent.stop()
+        agg_t.close()
+        forger_t.close()

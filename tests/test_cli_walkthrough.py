@@ -82,6 +82,18 @@ classes = 3
 data = "data{i}.npz"
 """)
     assert edgefl("aggregator", "init", "aggregator.toml", cwd=tmp_path, env=env).returncode == 0
+    ident = edgefl(
+        "aggregator", "identity", "--config", "aggregator.toml", "--json", cwd=tmp_path, env=env
+    )
+    aggregator_key = json.loads(ident.stdout)["aggregator_key"]
+    for i in (1, 2):  # devices pin the aggregator's signing key
+        config = tmp_path / f"device{i}.toml"
+        config.write_text(
+            config.read_text().replace(
+                'public_key = "keys/paillier_public.json"',
+                f'public_key = "keys/paillier_public.json"\naggregator_key = "{aggregator_key}"',
+            )
+        )
     text = (tmp_path / "aggregator.toml").read_text()
     for old, new in (
         ("dimension = 7850", "dimension = 15"),

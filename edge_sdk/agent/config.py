@@ -20,6 +20,7 @@ Example (``examples/device.toml``)::
 
     [keys]
     public_key = "/etc/edgefl/paillier.pub.json"
+    aggregator_key = "..."   # hex; then only signed rounds, models, receipts count
 
     [privacy]
     budget_epsilon = 8.0
@@ -62,7 +63,7 @@ _SECTIONS: dict[str, set[str]] = {
         "keepalive",
         "max_message_size",
     },
-    "keys": {"public_key", "fingerprint"},
+    "keys": {"public_key", "fingerprint", "aggregator_key"},
     "privacy": {"budget_epsilon", "delta"},
     "training": {"model", "onnx_path", "data", "classes", "features", "loss", "trainable"},
 }
@@ -78,6 +79,7 @@ class DeviceConfig:
     broker: dict[str, Any]
     public_key: Path
     fingerprint: str | None = None
+    aggregator_key: bytes | None = None
     budget_epsilon: float = 8.0
     delta: float = 1e-5
     training: dict[str, Any] = field(default_factory=dict)
@@ -108,6 +110,18 @@ class DeviceConfig:
     def pool_dir(self) -> Path:
         """Precomputed Paillier obfuscators."""
         return self.state_dir / "pool"
+
+
+def _hex_key(value: Any) -> bytes | None:
+    if value is None or value == "":
+        return None
+    try:
+        key = bytes.fromhex(str(value))
+    except ValueError:
+        raise ConfigError(f"[keys] aggregator_key must be hex, got {value!r}") from None
+    if len(key) != 32:
+        raise ConfigError(f"[keys] aggregator_key must be 32 bytes (64 hex digits), got {len(key)}")
+    return key
 
 
 def _env_value(text: str) -> Any:
@@ -175,6 +189,7 @@ def load_device_config(
             broker=dict(doc.get("broker", {})),
             public_key=Path(str(need("keys", "public_key"))),
             fingerprint=doc.get("keys", {}).get("fingerprint"),
+            aggregator_key=_hex_key(doc.get("keys", {}).get("aggregator_key")),
             budget_epsilon=float(privacy.get("budget_epsilon", 8.0)),
             delta=float(privacy.get("delta", 1e-5)),
             training=dict(doc.get("training", {})),

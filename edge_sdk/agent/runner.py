@@ -58,9 +58,10 @@ from edge_sdk.errors import (
     BudgetExhaustedError,
     DecodeError,
     EdgeFLError,
+    InvalidSignatureError,
     RemoteProtocolError,
 )
-from edge_sdk.identity import DeviceIdentity
+from edge_sdk.identity import DeviceIdentity, SignedMessage, verify_message
 from edge_sdk.pipeline import PrivatizedUpdate, RoundContext, build_update
 from edge_sdk.privacy import PrivacyLedger, cost_of, update_digest
 from edge_sdk.protocol import (
@@ -296,6 +297,19 @@ class DeviceAgent:
         now = self.clock()
         self._post(Connected(now_ms=now) if event.connected else Disconnected(now_ms=now))
 
+    def _authentic(self, message: SignedMessage, what: str) -> bool:
+        """With a pinned aggregator key, only its signed messages count."""
+        key = self.config.aggregator_key
+        if key is None:
+            return True
+        try:
+            verify_message(message, key)
+        except InvalidSignatureError as exc:
+            self.rejected_inbound += 1
+            log.warning("ignoring %s: %s (%s)", what, exc, exc.reason)
+            return False
+        return True
+
     def _on_round(self, msg: InboundMessage) -> None:
         if not msg.payload:
             return
@@ -304,6 +318,8 @@ class DeviceAgent:
         except DecodeError as exc:
             self.rejected_inbound += 1
             log.warning("ignoring bad round announcement: %s", exc)
+            return
+        if not self._authentic(ann, "round announcement"):
             return
         self._post(RoundReceived(now_ms=self.clock(), announcement=ann))
 
@@ -322,6 +338,8 @@ class DeviceAgent:
             self.rejected_inbound += 1
             log.warning("ignoring bad model data: %s", exc)
             return
+        if not self._authentic(model, "global model"):
+            return
         self._post(ModelReceived(now_ms=self.clock(), model=model))
 
     def _on_receipt(self, msg: InboundMessage) -> None:
@@ -330,6 +348,8 @@ class DeviceAgent:
         except DecodeError as exc:
             self.rejected_inbound += 1
             log.warning("ignoring bad receipt: %s", exc)
+            return
+        if not self._authentic(receipt, "receipt"):
             return
         self._post(ReceiptReceived(now_ms=self.clock(), receipt=receipt))
 

@@ -98,6 +98,8 @@ class RoundAnnouncement(Message):
         packing_digest: its digest; devices check both agree.
         privacy: the noise spec's encoding (``edge_sdk.privacy``), msgpack.
         train: local training settings as (key, scalar) pairs.
+        signature: the aggregator's Ed25519 signature over
+            :meth:`signed_bytes` (empty when the federation does not sign).
     """
 
     KIND: ClassVar[str] = "round"
@@ -116,6 +118,7 @@ class RoundAnnouncement(Message):
         "packing_digest": _DIGEST,
         "privacy": _OPAQUE,
         "train": PairsRule(),
+        "signature": _OPT_SIG,
     }
 
     federation: str
@@ -132,6 +135,12 @@ class RoundAnnouncement(Message):
     packing_digest: bytes
     privacy: bytes = b""
     train: tuple[tuple[str, Any], ...] = ()
+    signature: bytes = b""
+
+    def signed_bytes(self) -> bytes:
+        """Bytes the aggregator signs (everything but the signature)."""
+        body = {k: getattr(self, k) for k in self.RULES if k != "signature"}
+        return b"edgefl/v1/round-sig\x00" + encode("round-sig", body)
 
     def _validate(self) -> None:
         if self.deadline_ms < self.issued_ms:
