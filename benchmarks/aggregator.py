@@ -44,7 +44,6 @@ from edge_sdk.crypto import (
     sum_ciphertexts,
 )
 from edge_sdk.crypto._parallel import default_workers, process_executor
-from edge_sdk.crypto.ciphertext import _sum_blobs
 from edge_sdk.identity import DeviceIdentity, DeviceRegistry
 from edge_sdk.pipeline import RoundContext, seal
 from edge_sdk.protocol import EncryptedUpdate, Topics, digest, split_payload
@@ -197,17 +196,24 @@ def run(quick: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     one = sum_ciphertexts(pk, big, workers=1)
     out["sum_in_process_s"] = round(time.perf_counter() - t0, 3)
-    jobs = [(pk.nsquare, width, ncts, [v.to_bytes() for v in big])]
-    with process_executor(1) as pool1:
-        list(pool1.map(_sum_blobs, [(pk.nsquare, width, ncts, jobs[0][3][:2])]))  # warm up
-        t0 = time.perf_counter()
-        list(pool1.map(_sum_blobs, jobs))
-        t_one = time.perf_counter() - t0
-    with process_executor(2) as pool:
-        sum_ciphertexts(pk, big[:4], workers=2, executor=pool)  # warm the workers
-        t0 = time.perf_counter()
-        two = sum_ciphertexts(pk, big, workers=2, executor=pool)
-        t_two = time.perf_counter() - t0
+    # Same code path with 1 and 2 worker processes: blobs in shared memory,
+    # long-lived pools warmed with a full-size sum (as an aggregator's pool
+    # is after its first round); best of three.
+    repeats = 2 if quick else 3
+
+    def timed_sum(pool: Any, workers: int) -> tuple[float, Any]:
+        sum_ciphertexts(pk, big, workers=workers, executor=pool)  # warm-up, full size
+        best, result = float("inf"), None
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            result = sum_ciphertexts(pk, big, workers=workers, executor=pool)
+            best = min(best, time.perf_counter() - t0)
+        return best, result
+
+    with process_executor(1, prestart=True) as pool1:
+        t_one, _ = timed_sum(pool1, 1)
+    with process_executor(2, prestart=True) as pool:
+        t_two, two = timed_sum(pool, 2)
     assert one == two
     out["sum_vectors"] = len(big)
     out["sum_1_worker_s"] = round(t_one, 3)

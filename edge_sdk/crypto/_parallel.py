@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import time
 from concurrent.futures import ProcessPoolExecutor
 
 __all__ = ["default_workers", "process_executor"]
@@ -17,12 +18,23 @@ def default_workers() -> int:
         return max(os.cpu_count() or 1, 1)
 
 
-def process_executor(workers: int) -> ProcessPoolExecutor:
+def process_executor(workers: int, *, prestart: bool = False) -> ProcessPoolExecutor:
     """A process pool safe to start from a multi-threaded service.
 
     ``forkserver`` (where available) avoids forking a process that holds
     other threads' locks (paho's network thread, logging).
+
+    Args:
+        workers: pool size.
+        prestart: start every worker now. ProcessPoolExecutor otherwise
+            starts a worker only when no idle one exists, so a pool warmed
+            with small jobs may still fork its second worker in the middle
+            of the first large sum.
     """
     methods = multiprocessing.get_all_start_methods()
     method = "forkserver" if "forkserver" in methods else "spawn"
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method))
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method))
+    if prestart:
+        # Each task holds its worker briefly, so every worker must be started.
+        list(pool.map(time.sleep, [0.05] * workers))
+    return pool

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Executor
+from multiprocessing import shared_memory
 from typing import TYPE_CHECKING, Any
 
 import gmpy2
@@ -226,15 +227,52 @@ def _product(nsq: Any, vectors: Sequence[tuple[Any, ...]]) -> list[Any]:
     return acc
 
 
-def _sum_blobs(args: tuple[int, int, int, list[bytes]]) -> bytes:
-    """Worker: multiply a partition of serialised vectors, return the product blob."""
-    nsq_int, width, length, blobs = args
-    nsq = gmpy2.mpz(nsq_int)
-    frm = mpz_from_bytes
-    acc = [frm(blobs[0][i * width : (i + 1) * width], "big") for i in range(length)]
-    for blob in blobs[1:]:
-        acc = [a * frm(blob[i * width : (i + 1) * width], "big") % nsq for i, a in enumerate(acc)]
-    return b"".join([int(a).to_bytes(width, "big") for a in acc])
+def _sum_shared(args: tuple[int, int, int, str, int, int]) -> bytes:
+    """Worker: multiply vectors ``first .. first + count`` of a shared-memory block.
+
+    The parent writes all blobs once into shared memory and every worker
+    starts at once; sending them through the pool's pipe instead serialises
+    the workers' start (the second waits for the first one's megabytes).
+    """
+    nsq_int, width, length, name, first, count = args
+    shm = _attach(name)
+    try:
+        view = shm.buf
+        assert view is not None
+        nsq = gmpy2.mpz(nsq_int)
+        frm = mpz_from_bytes
+        stride = width * length
+        start = first * stride
+        acc = [
+            frm(bytes(view[start + i * width : start + (i + 1) * width]), "big")
+            for i in range(length)
+        ]
+        for k in range(1, count):
+            base = start + k * stride
+            acc = [
+                a * frm(bytes(view[base + i * width : base + (i + 1) * width]), "big") % nsq
+                for i, a in enumerate(acc)
+            ]
+        del view
+        return b"".join([int(a).to_bytes(width, "big") for a in acc])
+    finally:
+        shm.close()
+
+
+def _attach(name: str) -> shared_memory.SharedMemory:
+    """Attach to the parent's block without adopting it.
+
+    Before Python 3.13, attaching registers the block with this process's
+    resource tracker as if it owned it; the parent owns and unlinks it.
+    """
+    shm = shared_memory.SharedMemory(name=name)
+    try:
+        from multiprocessing import resource_tracker
+
+        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+    except (AttributeError, KeyError, ValueError):  # pragma: no cover - other Pythons
+        pass
+    return shm
 
 
 def sum_ciphertexts(
@@ -253,6 +291,7 @@ def sum_ciphertexts(
         public_key: the key all vectors are under.
         vectors: validated vectors of equal length.
         workers: processes to use; default: all cores for large sums, 1 for small.
+            One worker without an executor sums in this process.
         executor: an existing process pool to use (keeps workers warm).
 
     Returns:
@@ -267,21 +306,32 @@ def sum_ciphertexts(
     if workers is None:
         workers = default_workers() if len(vectors) * length >= _PARALLEL_MIN_MULS else 1
     workers = max(1, min(workers, len(vectors) // 2))
-    if workers == 1 or length == 0:
+    if (workers == 1 and executor is None) or length == 0:
         return CiphertextVector._trusted(
             public_key, tuple(_product(nsq, [v._values for v in vectors]))
         )
     size = -(-len(vectors) // workers)
     width = public_key.ciphertext_bytes
-    jobs = [
-        (public_key.nsquare, width, length, [v.to_bytes() for v in vectors[i : i + size]])
-        for i in range(0, len(vectors), size)
-    ]
-    if executor is not None:
-        partials = list(executor.map(_sum_blobs, jobs))
-    else:
-        with process_executor(len(jobs)) as own:
-            partials = list(own.map(_sum_blobs, jobs))
+    stride = width * length
+    shm = shared_memory.SharedMemory(create=True, size=stride * len(vectors))
+    try:
+        buf = shm.buf
+        assert buf is not None
+        for k, vector in enumerate(vectors):
+            buf[k * stride : (k + 1) * stride] = vector.to_bytes()
+        del buf
+        jobs = [
+            (public_key.nsquare, width, length, shm.name, i, min(size, len(vectors) - i))
+            for i in range(0, len(vectors), size)
+        ]
+        if executor is not None:
+            partials = list(executor.map(_sum_shared, jobs))
+        else:
+            with process_executor(len(jobs)) as own:
+                partials = list(own.map(_sum_shared, jobs))
+    finally:
+        shm.close()
+        shm.unlink()
     frm = mpz_from_bytes
     parts = [
         tuple(frm(p[i * width : (i + 1) * width], "big") for i in range(length)) for p in partials
