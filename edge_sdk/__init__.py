@@ -1,9 +1,42 @@
 """edgefl device SDK: local training, on-device privacy, encryption and transport.
 
-The public API is re-exported here as it lands; see ``__all__``.
+The device's one-call recipe is :func:`build_update` (delta -> clipped,
+noised, packed, encrypted, signed update); :class:`DeviceAgent` runs the
+whole round loop over MQTT. Heavy modules are imported on first use, so
+``import edge_sdk`` (and the ``edgefl`` CLI) stay fast.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from edge_sdk._version import __version__
 from edge_sdk.errors import EdgeFLError
 
-__all__ = ["EdgeFLError", "__version__"]
+__all__ = [
+    "DeviceAgent",
+    "DeviceConfig",
+    "DeviceIdentity",
+    "EdgeFLError",
+    "RoundContext",
+    "__version__",
+    "build_update",
+    "load_device_config",
+]
+
+_LAZY = {
+    "DeviceAgent": "edge_sdk.agent",
+    "DeviceConfig": "edge_sdk.agent",
+    "load_device_config": "edge_sdk.agent",
+    "DeviceIdentity": "edge_sdk.identity",
+    "RoundContext": "edge_sdk.pipeline",
+    "build_update": "edge_sdk.pipeline",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'edge_sdk' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -102,3 +102,15 @@ def test_broker_run_serves_until_sigterm() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_sdk_top_level_exports_are_lazy_and_real() -> None:
+    code = (
+        "import sys, edge_sdk; assert 'edge_sdk.pipeline' not in sys.modules; "
+        "from edge_sdk.pipeline import build_update; assert edge_sdk.build_update is build_update"
+    )
+    assert run("-c", code).returncode == 0
+    import edge_sdk
+
+    with pytest.raises(AttributeError, match="no attribute"):
+        _ = edge_sdk.no_such_name  # type: ignore[attr-defined]
