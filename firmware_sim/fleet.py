@@ -336,6 +336,7 @@ class Fleet:
                 delta=cfg.delta,
                 resend_initial_s=5.0,
                 resend_max_s=20.0,
+                pool_target=0,  # 20+ simulated devices share 2 cores: no idle time to fill
             )
             self._device_specs[device_id] = {
                 "x": self._data.x_train[idx],

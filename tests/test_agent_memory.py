@@ -51,6 +51,7 @@ def make_agent(
         resend_initial_s=0.2,
         resend_max_s=1.0,
         aggregator_key=kw.pop("aggregator_key", None),  # type: ignore[arg-type]
+        pool_target=kw.pop("pool_target", -1),  # type: ignore[arg-type]
     )
     rng = np.random.default_rng(abs(hash(device_id)) % 2**32)
     x = rng.normal(size=(40, FEATURES)).astype(np.float32)
@@ -251,3 +252,28 @@ def test_pinned_aggregator_key_refuses_forged_models_rounds_and_receipts(
         agent.stop()
         agg_t.close()
         forger_t.close()
+
+
+def test_idle_time_fills_the_obfuscator_pool_and_the_next_round_uses_it(
+    tmp_path: Path, keypair: tuple[PaillierPublicKey, PaillierPrivateKey], world: tuple
+) -> None:
+    broker, agg, registry = world
+    agent = make_agent(tmp_path, "pooled", broker, keypair[0], pool_target=3)
+    registry.enroll("pooled", agent.identity.public_key_bytes)
+    agent.start(connect_timeout=5)
+    try:
+        agg.publish_model(0, np.zeros(DIM, dtype=np.float32))
+        agg.announce(1, dimension=DIM)
+        wait_for(lambda: len(agg.updates) == 1, what="round 1")
+        wait_for(lambda: agent.pool.size() == 3, what="background fill to 3")
+        agg.publish_model(1, np.zeros(DIM, dtype=np.float32))
+        wait_for(lambda: agent.session.model_version == 1, what="model v1")
+        agg.announce(2, dimension=DIM)
+        wait_for(lambda: len(agg.updates) == 2, what="round 2")
+        # one ciphertext per update: round 1 computed its obfuscator on demand
+        # (empty pool), round 2 took one that idle time had precomputed
+        assert agent.pool.computed_on_demand == 1
+        assert agent.pool.taken_from_pool == 1
+        assert agent.pool.size() <= 3
+    finally:
+        agent.stop()

@@ -51,7 +51,7 @@ else:  # pragma: no cover - Python 3.10
 __all__ = ["DeviceConfig", "load_device_config"]
 
 _SECTIONS: dict[str, set[str]] = {
-    "device": {"id", "federation", "state_dir", "resend_initial_s", "resend_max_s"},
+    "device": {"id", "federation", "state_dir", "resend_initial_s", "resend_max_s", "pool_target"},
     "broker": {
         "url",
         "protocol",
@@ -85,6 +85,7 @@ class DeviceConfig:
     training: dict[str, Any] = field(default_factory=dict)
     resend_initial_s: float = 15.0
     resend_max_s: float = 300.0
+    pool_target: int = -1
 
     @property
     def identity_file(self) -> Path:
@@ -195,6 +196,7 @@ def load_device_config(
             training=dict(doc.get("training", {})),
             resend_initial_s=float(device.get("resend_initial_s", 15.0)),
             resend_max_s=float(device.get("resend_max_s", 300.0)),
+            pool_target=int(device.get("pool_target", -1)),
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid config value: {exc}") from None

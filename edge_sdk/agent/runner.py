@@ -53,7 +53,7 @@ from edge_sdk.agent.session import (
     UpdateFailed,
     UpdateReady,
 )
-from edge_sdk.crypto import ObfuscatorPool, PaillierPublicKey, load_public_key
+from edge_sdk.crypto import BackgroundFill, ObfuscatorPool, PaillierPublicKey, load_public_key
 from edge_sdk.errors import (
     BudgetExhaustedError,
     DecodeError,
@@ -241,6 +241,7 @@ class DeviceAgent:
         self.rejected_inbound = 0
         self.last_metrics: dict[str, float] = {}
         self.last_private: PrivatizedUpdate | None = None
+        self._filler: BackgroundFill | None = None
         self.rounds_sent: list[int] = []
         self.error: BaseException | None = None
         self._load_model()
@@ -285,6 +286,8 @@ class DeviceAgent:
         self._events.put(None)
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._filler is not None:
+            self._filler.stop(timeout)
         with contextlib.suppress(EdgeFLError):
             self._publish_status(PublishStatus(state="offline", round_id=self.session.last_round))
         self.transport.close()
@@ -484,7 +487,22 @@ class DeviceAgent:
             self._step("ledger", ann.round_id)
         entry = self.outbox.store(update)
         self._step("outbox", ann.round_id)
+        self._keep_pool_filled(update.num_ciphertexts)
         return UpdateReady(now_ms=self.clock(), entry=entry)
+
+    def _keep_pool_filled(self, per_update: int) -> None:
+        """Precompute obfuscators while idle, so the next round encrypts at once.
+
+        ``pool_target`` -1 (default) keeps two updates' worth, 0 disables,
+        N keeps N. The filler is a low-duty daemon thread; values are
+        durable and used once (see ``edge_sdk.crypto.pool``).
+        """
+        target = self.config.pool_target
+        if target == 0 or (self._filler is not None and self._filler.running):
+            return
+        if target < 0:
+            target = 2 * per_update
+        self._filler = self.pool.start_background_fill(target, batch=4, interval_s=5.0)
 
     def _publish_update(self, action: PublishUpdate) -> None:
         entry = action.entry

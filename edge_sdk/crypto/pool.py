@@ -100,6 +100,9 @@ class ObfuscatorPool:
             _MAGIC, _VERSION, self._width, 0, bytes.fromhex(public_key.fingerprint)
         )
         self._thread_lock = threading.Lock()
+        # Counters of this process: how encryption got its obfuscators.
+        self.taken_from_pool = 0
+        self.computed_on_demand = 0
 
     def __repr__(self) -> str:
         return f"ObfuscatorPool({str(self.directory)!r})"
@@ -239,6 +242,8 @@ class ObfuscatorPool:
             ``count`` distinct-use obfuscators (gmpy2 ``mpz``).
         """
         out = self.take_stored(count)
+        self.taken_from_pool += len(out)
+        self.computed_on_demand += count - len(out)
         if len(out) < count:
             _log.debug("obfuscator pool short by %d; computing on the fly", count - len(out))
             source = default_random() if rng is None else rng
