@@ -226,6 +226,11 @@ class Message:
         """Return the body map in declared field order."""
         return {name: getattr(self, name) for name in self.RULES}
 
+    def _signature_view(self, kind: str) -> bytes:
+        """Domain-separated canonical bytes of every field but ``signature``."""
+        body = {k: getattr(self, k) for k in self.RULES if k != "signature"}
+        return f"edgefl/v1/{kind}\x00".encode() + encode(kind, body)
+
     def to_bytes(self) -> bytes:
         """Return the canonical wire encoding."""
         return encode(self.KIND, self.body())

@@ -139,8 +139,7 @@ class RoundAnnouncement(Message):
 
     def signed_bytes(self) -> bytes:
         """Bytes the aggregator signs (everything but the signature)."""
-        body = {k: getattr(self, k) for k in self.RULES if k != "signature"}
-        return b"edgefl/v1/round-sig\x00" + encode("round-sig", body)
+        return self._signature_view("round-sig")
 
     def _validate(self) -> None:
         if self.deadline_ms < self.issued_ms:
@@ -383,8 +382,7 @@ class Receipt(Message):
 
     def signed_bytes(self) -> bytes:
         """Bytes the aggregator signs (everything but the signature)."""
-        body = {k: getattr(self, k) for k in self.RULES if k != "signature"}
-        return b"edgefl/v1/receipt-sig\x00" + encode("receipt-sig", body)
+        return self._signature_view("receipt-sig")
 
 
 DEVICE_STATES = frozenset(
@@ -581,8 +579,7 @@ class KeyholderResult(Message):
 
     def signed_bytes(self) -> bytes:
         """Bytes the key holder signs (everything but the signature)."""
-        body = {k: getattr(self, k) for k in self.RULES if k != "signature"}
-        return b"edgefl/v1/kh-result-sig\x00" + encode("kh-result-sig", body)
+        return self._signature_view("kh-result-sig")
 
 
 def decode_message(payload: bytes, *, max_size: int | None = None) -> Message:

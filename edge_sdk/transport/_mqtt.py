@@ -49,12 +49,12 @@ from edge_sdk.transport._backoff import Backoff, UniformSource
 from edge_sdk.transport._config import TransportConfig, parse_url
 from edge_sdk.transport._errors import (
     ConnectRefusedError,
-    MessageTooLargeError,
     NotConnectedError,
     SubscriptionRefusedError,
     TransportError,
 )
 from edge_sdk.transport._topics import (
+    checked_publish,
     max_payload_size,
     publish_packet_size,
     topic_matches,
@@ -402,21 +402,9 @@ class MqttTransport:
                 checked before paho sees it, the connection is unaffected.
             NotConnectedError: not connected; nothing was queued.
         """
-        validate_topic(topic)
-        if qos not in (0, 1):
-            raise ValueError(f"qos must be 0 or 1, got {qos!r}")
-        if not isinstance(payload, (bytes, bytearray, memoryview)):
-            raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
-        data = bytes(payload)
-        size = publish_packet_size(topic, len(data), qos=qos, protocol=self._config.protocol)
-        limit = self.max_message_size
-        if size > limit:
-            raise MessageTooLargeError(
-                f"PUBLISH to {topic!r} would be {size} bytes, over the {limit}-byte limit; "
-                "split the payload",
-                size=size,
-                limit=limit,
-            )
+        data = checked_publish(
+            topic, payload, qos=qos, protocol=self._config.protocol, limit=self.max_message_size
+        )
         with self._lock:
             if not self._connected:
                 raise NotConnectedError(

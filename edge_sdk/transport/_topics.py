@@ -154,3 +154,30 @@ def max_payload_size(topic: str, limit: int, *, qos: int, protocol: int) -> int:
     while best > 0 and publish_packet_size(topic, best, qos=qos, protocol=protocol) > limit:
         best -= 1
     return best
+
+
+def checked_publish(topic: str, payload: object, *, qos: int, protocol: int, limit: int) -> bytes:
+    """Validate one PUBLISH before anything is sent; return the payload as bytes.
+
+    Raises:
+        ValueError: an invalid topic or a qos other than 0/1.
+        TypeError: the payload is not bytes-like.
+        MessageTooLargeError: the packet would exceed ``limit``.
+    """
+    from edge_sdk.transport._errors import MessageTooLargeError
+
+    validate_topic(topic)
+    if qos not in (0, 1):
+        raise ValueError(f"qos must be 0 or 1, got {qos!r}")
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
+    data = bytes(payload)
+    size = publish_packet_size(topic, len(data), qos=qos, protocol=protocol)
+    if size > limit:
+        raise MessageTooLargeError(
+            f"PUBLISH to {topic!r} would be {size} bytes, over the {limit}-byte limit; "
+            "split the payload",
+            size=size,
+            limit=limit,
+        )
+    return data
