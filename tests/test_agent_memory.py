@@ -277,3 +277,35 @@ def test_idle_time_fills_the_obfuscator_pool_and_the_next_round_uses_it(
         assert agent.pool.size() <= 3
     finally:
         agent.stop()
+
+
+def test_power_loss_between_ledger_and_outbox_skips_the_round_never_re_noises(
+    tmp_path: Path, keypair: tuple[PaillierPublicKey, PaillierPrivateKey], world: tuple
+) -> None:
+    from edge_sdk.agent import AgentHalt, AgentHooks
+
+    broker, agg, registry = world
+
+    def lose_power(step: str, round_id: int) -> None:
+        if step == "ledger":
+            raise AgentHalt("power lost right after the ledger write")
+
+    agent = make_agent(tmp_path, "pl", broker, keypair[0], hooks=AgentHooks(after_step=lose_power))
+    registry.enroll("pl", agent.identity.public_key_bytes)
+    agent.start(connect_timeout=5)
+    agg.publish_model(0, np.zeros(DIM, dtype=np.float32))
+    agg.announce(1, dimension=DIM)
+    wait_for(lambda: agent.error is not None, what="simulated power loss")
+    agent.stop()
+    assert len(agent.ledger.entries) == 1 and agg.updates == []
+    rebooted = make_agent(tmp_path, "pl", broker, keypair[0])
+    rebooted.start(connect_timeout=5)
+    try:
+        wait_for(
+            lambda: any(s.state == "skipped" and "already_spent" in s.detail for s in agg.statuses),
+            what="skip after reboot",
+        )
+        assert agg.updates == []  # nothing sent without its stored, charged envelope
+        assert len(rebooted.ledger.entries) == 1  # charged once, not re-noised
+    finally:
+        rebooted.stop()
