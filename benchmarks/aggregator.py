@@ -43,7 +43,8 @@ from edge_sdk.crypto import (
     generate_keypair,
     sum_ciphertexts,
 )
-from edge_sdk.crypto._parallel import default_workers, process_executor
+from edge_sdk.crypto._gmp import mpz_from_bytes
+from edge_sdk.crypto._parallel import default_workers, mulmod_loop, process_executor
 from edge_sdk.identity import DeviceIdentity, DeviceRegistry
 from edge_sdk.pipeline import RoundContext, seal
 from edge_sdk.protocol import EncryptedUpdate, Topics, digest, split_payload
@@ -220,6 +221,26 @@ def run(quick: bool) -> dict[str, Any]:
     out["sum_2_workers_s"] = round(t_two, 3)
     out["speedup_2_cores"] = round(t_one / t_two, 2)
     out["speedup_2_cores_vs_in_process"] = round(out["sum_in_process_s"] / t_two, 2)
+
+    # The limits behind that figure: how pure compute scales on these cores
+    # (no transfer, no parsing), and what parsing one ciphertext costs.
+    loops = 20_000 if quick else 100_000
+    job = (int(vec.values[0]), pk.nsquare, loops)
+    with process_executor(2, prestart=True) as pool:
+        list(pool.map(mulmod_loop, [job, job]))  # warm
+        t0 = time.perf_counter()
+        list(pool.map(mulmod_loop, [job]))
+        one_proc = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        list(pool.map(mulmod_loop, [(job[0], job[1], loops // 2)] * 2))
+        two_proc = time.perf_counter() - t0
+    out["raw_mulmod_speedup_2_processes"] = round(one_proc / two_proc, 2)
+    blob = vec.to_bytes()
+    t0 = time.perf_counter()
+    for i in range(ncts):
+        mpz_from_bytes(blob[i * width : (i + 1) * width], "big")
+    out["parse_us_per_ciphertext"] = round((time.perf_counter() - t0) / ncts * 1e6, 3)
+    out["mulmod_us"] = round(1e6 / raw, 3)
     out["load_average_1min"] = round(os.getloadavg()[0], 2)
 
     out["targets"] = {

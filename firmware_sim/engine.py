@@ -71,6 +71,7 @@ __all__ = [
     "SimResult",
     "build_model",
     "central_baseline",
+    "fleet_plan",
     "run",
 ]
 
@@ -169,6 +170,41 @@ class SimResult:
         }
 
 
+def fleet_plan(
+    public_key: PaillierPublicKey,
+    *,
+    dimension: int,
+    devices: int,
+    min_clients: int,
+    clip: float,
+    dp: bool,
+    epsilon: float,
+    delta: float,
+    rounds: int,
+    value_bits: int = 16,
+) -> RoundPlan:
+    """The aggregator's round plan for a simulated fleet (distributed DP or HE-only)."""
+    policy = None
+    if dp:
+        policy = DPPolicy(
+            mode="distributed",
+            epsilon=epsilon,
+            delta=delta,
+            rounds=rounds,
+            clip=clip,
+            min_clients=min_clients,
+        )
+    return plan_rounds(
+        public_key,
+        dimension=dimension,
+        max_contributors=max(devices, 2),
+        min_clients=min_clients,
+        clip=clip,
+        value_bits=value_bits,
+        policy=policy,
+    )
+
+
 def build_model(config: SimConfig, data: Dataset) -> Model:
     """The model named by ``config`` for ``data``."""
     if config.model == "softmax":
@@ -258,25 +294,17 @@ def run(
     if config.setting != "float":
         if keys is None:
             keys = generate_keypair(config.key_bits)
-        min_clients = config.min_clients or max(1, config.expected_clients // 2)
-        policy = None
-        if config.setting == "dp":
-            policy = DPPolicy(
-                mode="distributed",
-                epsilon=config.epsilon,
-                delta=config.delta,
-                rounds=config.rounds,
-                clip=config.clip,
-                min_clients=min_clients,
-            )
-        plan = plan_rounds(
+        plan = fleet_plan(
             keys[0],
             dimension=dim,
-            max_contributors=max(config.devices, 2),
-            min_clients=min_clients,
+            devices=config.devices,
+            min_clients=config.min_clients or max(1, config.expected_clients // 2),
             clip=config.clip,
+            dp=config.setting == "dp",
+            epsilon=config.epsilon,
+            delta=config.delta,
+            rounds=config.rounds,
             value_bits=config.value_bits,
-            policy=policy,
         )
         result.scale = plan.packing.scale
         result.noise_sigma = 0.0 if plan.noise is None else plan.noise.sigma / plan.packing.scale

@@ -36,7 +36,6 @@ import numpy as np
 
 from aggregator.keyholder import KeyHolder, KeyholderVerifier
 from aggregator.optimizers import make_optimizer
-from aggregator.planning import plan_rounds
 from aggregator.rounds import RoundConfig, RoundMachine
 from aggregator.service import AggregatorService
 from aggregator.store import AggregatorStore
@@ -51,11 +50,11 @@ from edge_sdk.agent import (
 from edge_sdk.crypto import generate_keypair, save_public_key
 from edge_sdk.errors import EdgeFLError
 from edge_sdk.identity import DeviceIdentity, DeviceRegistry
-from edge_sdk.privacy import DPPolicy, epsilon_spent
+from edge_sdk.privacy import epsilon_spent
 from edge_sdk.transport import MqttTransport, TransportConfig
 from firmware_sim.broker import BrokerKind, EmbeddedBroker, MosquittoBroker, start_broker
 from firmware_sim.datasets import load_dataset
-from firmware_sim.engine import SimConfig, build_model
+from firmware_sim.engine import SimConfig, build_model, fleet_plan
 from firmware_sim.faults import FaultProxy
 from firmware_sim.partition import partition
 
@@ -348,23 +347,16 @@ class Fleet:
         weights = model.get_flat().astype(np.float32)
         self._eval_model = model
         quorum = min(cfg.quorum, cfg.devices)
-        policy = None
-        if cfg.privacy == "dp":
-            policy = DPPolicy(
-                mode="distributed",
-                epsilon=cfg.epsilon,
-                delta=cfg.delta,
-                rounds=cfg.rounds,
-                clip=cfg.clip,
-                min_clients=quorum,
-            )
-        plan = plan_rounds(
+        plan = fleet_plan(
             pk,
             dimension=int(weights.size),
-            max_contributors=max(cfg.devices, 2),
+            devices=cfg.devices,
             min_clients=quorum,
             clip=cfg.clip,
-            policy=policy,
+            dp=cfg.privacy == "dp",
+            epsilon=cfg.epsilon,
+            delta=cfg.delta,
+            rounds=cfg.rounds,
         )
         self._plan = plan
         aggregator_identity = DeviceIdentity.generate("aggregator")

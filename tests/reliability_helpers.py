@@ -227,9 +227,11 @@ class ServiceThread:
             raise AssertionError(f"aggregator pump failed: {self.error!r}") from self.error
 
 
-def spawn_aggregator(config: Path, crash: str | None = None) -> subprocess.Popen[bytes]:
+def spawn_aggregator(
+    config: Path, crash: str | None = None, *, extra_env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """``python -m aggregator aggregator serve --config ... --exit-when-done`` (crash hook)."""
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(REPO), **(extra_env or {}))
     env.pop("EDGEFL_CRASH_AT", None)
     if crash:
         env["EDGEFL_CRASH_AT"] = crash

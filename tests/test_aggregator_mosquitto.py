@@ -4,9 +4,7 @@ SIGKILL at every state transition (EDGEFL_CRASH_AT), restart, bit-exact aggregat
 from __future__ import annotations
 
 import itertools
-import os
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -29,6 +27,7 @@ from edge_sdk.protocol import (
 from firmware_sim.broker import MosquittoBroker
 from tests import test_aggregator_support as _support
 from tests.mqtt_client import TestClient
+from tests.reliability_helpers import spawn_aggregator
 from tests.test_aggregator_support import make_update, update_messages
 
 keypair = _support.keypair  # session fixture
@@ -165,26 +164,7 @@ client_id = "agg-itest"
 
 
 def _aggregator(cfg: Path, crash: str | None) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, EDGEFL_KEY_PASSPHRASE="pw", PYTHONPATH=str(REPO))
-    env.pop("EDGEFL_CRASH_AT", None)
-    if crash:
-        env["EDGEFL_CRASH_AT"] = crash
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "aggregator",
-            "aggregator",
-            "serve",
-            "--config",
-            str(cfg),
-            "--exit-when-done",
-        ],
-        cwd=str(cfg.parent),
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    return spawn_aggregator(cfg, crash, extra_env={"EDGEFL_KEY_PASSPHRASE": "pw"})
 
 
 def _expected_weights(fleet: ScriptedFleet, scale: float) -> npt.NDArray[np.float32]:

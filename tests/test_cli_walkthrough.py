@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,12 @@ data = "data{i}.npz"
             timeout=180,
         )
         assert served.returncode == 0, served.stderr[-2000:]
+        # The last receipts are in flight when the aggregator exits: give the
+        # running devices a moment to apply them before stopping them.
+        outboxes = [tmp_path / f"dev{i}" / "outbox" for i in (1, 2)]
+        deadline = time.monotonic() + 20
+        while any(any(o.glob("*.update")) for o in outboxes) and time.monotonic() < deadline:
+            time.sleep(0.1)
     finally:
         for proc in devices:
             proc.send_signal(signal.SIGTERM)

@@ -7,7 +7,7 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-__all__ = ["default_workers", "process_executor"]
+__all__ = ["default_workers", "mulmod_loop", "process_executor"]
 
 
 def default_workers() -> int:
@@ -38,3 +38,20 @@ def process_executor(workers: int, *, prestart: bool = False) -> ProcessPoolExec
         # Each task holds its worker briefly, so every worker must be started.
         list(pool.map(time.sleep, [0.05] * workers))
     return pool
+
+
+def mulmod_loop(args: tuple[int, int, int]) -> float:
+    """Worker job for calibration: ``count`` bare mulmods; returns seconds taken.
+
+    Benchmarks run it in 1 and 2 processes to measure how pure big-integer
+    compute scales on the machine (no data transfer, no parsing).
+    """
+    import gmpy2
+
+    value, modulus, count = args
+    a = x = gmpy2.mpz(value)
+    m = gmpy2.mpz(modulus)
+    started = time.perf_counter()
+    for _ in range(count):
+        a = a * x % m
+    return time.perf_counter() - started
