@@ -24,7 +24,8 @@ __all__ = [
     "ServiceConfig",
     "aggregator_identity",
     "build_aggregator",
-    "build_keyholder",
+    "build_dev_members",
+    "load_manifest",
     "load_config",
 ]
 
@@ -70,14 +71,18 @@ lr = 0.05
 # rounds = 100
 # min_clients = 10
 
-[keyholder]
-mode = "inprocess"                   # inprocess | remote
-secret_key = "keys/paillier_secret.json"     # inprocess, or for `edgefl keyholder serve`
-passphrase_file = ""                 # else $EDGEFL_KEY_PASSPHRASE
-identity = "keyholder.key"           # Ed25519 key that signs results (created if missing)
-identity_public = ""                 # remote mode: hex public key the aggregator trusts
-min_clients = 10
-state = "keyholder-state.json"       # rounds answered (never plaintexts)
+[committee]
+# The key-holder committee (`edgefl keys ceremony --holders 3 --threshold 2`):
+# T of N members, each its own process (`edgefl keyholder serve --config
+# keys/keyholder-1/keyholder.toml`), each verifying on its own before it
+# releases a decryption share. The aggregator holds only this public manifest.
+manifest = "keys/committee.json"
+mode = "remote"                      # remote | inprocess-insecure-dev
+# inprocess-insecure-dev runs the members inside the aggregator's process:
+# whoever runs the aggregator then holds T shares, i.e. the whole secret key.
+# For a laptop demo only; never for real data.
+# members = ["keys/keyholder-1", "keys/keyholder-2"]
+# passphrase_file = ""               # else $EDGEFL_KEY_PASSPHRASE
 
 [transport]
 url = "mqtt://127.0.0.1:1883"
@@ -111,17 +116,8 @@ _AGG_KEYS = {
     "privacy",
     "keyholder_retry_s",
 }
-_KH_KEYS = {
-    "mode",
-    "secret_key",
-    "passphrase_file",
-    "identity",
-    "identity_public",
-    "min_clients",
-    "state",
-    "allow_unencrypted_key",
-    "client_id",
-}
+_COMMITTEE_KEYS = {"manifest", "mode", "members", "passphrase_file", "allow_unencrypted_key"}
+COMMITTEE_MODES = ("remote", "inprocess-insecure-dev")
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +126,7 @@ class ServiceConfig:
 
     base: Path
     aggregator: dict[str, Any]
-    keyholder: dict[str, Any]
+    committee: dict[str, Any]
     transport: dict[str, Any]
 
     def path(self, value: str) -> Path:
@@ -161,15 +157,24 @@ def load_config(path: str | Path) -> ServiceConfig:
         raise ConfigError(f"config file {p} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: {exc}") from None
-    unknown = set(doc) - {"aggregator", "keyholder", "transport"}
+    if "keyholder" in doc:
+        raise ConfigError(
+            f"{p}: the [keyholder] table is gone: a committee of key holders replaced the "
+            "single key holder; see `edgefl keys ceremony --help` and the [committee] table "
+            "of `edgefl aggregator init`"
+        )
+    unknown = set(doc) - {"aggregator", "committee", "transport"}
     if unknown:
         raise ConfigError(f"{p}: unknown tables {sorted(unknown)}")
     agg = _check(doc.get("aggregator", {}), _AGG_KEYS, "aggregator")
     for key in ("federation", "dimension", "min_clients"):
         if key not in agg:
             raise ConfigError(f"{p}: [aggregator] needs {key}")
-    kh = _check(doc.get("keyholder", {}), _KH_KEYS, "keyholder")
-    return ServiceConfig(p.resolve().parent, agg, kh, dict(doc.get("transport", {})))
+    com = _check(doc.get("committee", {}), _COMMITTEE_KEYS, "committee")
+    mode = str(com.get("mode", "remote"))
+    if mode not in COMMITTEE_MODES:
+        raise ConfigError(f"{p}: [committee] mode must be one of {COMMITTEE_MODES}, got {mode!r}")
+    return ServiceConfig(p.resolve().parent, agg, com, dict(doc.get("transport", {})))
 
 
 def _load_or_create(path: Path, name: str) -> Any:
@@ -182,12 +187,6 @@ def _load_or_create(path: Path, name: str) -> Any:
     return ident
 
 
-def _identity(cfg: ServiceConfig) -> Any:
-    return _load_or_create(
-        cfg.path(str(cfg.keyholder.get("identity", "keyholder.key"))), "keyholder"
-    )
-
-
 def aggregator_identity(cfg: ServiceConfig) -> Any:
     """The aggregator's Ed25519 identity (created on first use)."""
     return _load_or_create(
@@ -195,36 +194,46 @@ def aggregator_identity(cfg: ServiceConfig) -> Any:
     )
 
 
-def build_keyholder(cfg: ServiceConfig) -> Any:
-    """The key holder of this config (loads the secret key: key holder side only)."""
-    from aggregator.keyholder import KeyHolder
-    from edge_sdk.crypto import load_private_key, read_passphrase
-    from edge_sdk.identity import DeviceRegistry
+def load_manifest(cfg: ServiceConfig) -> Any:
+    """The committee manifest named by ``[committee] manifest``."""
+    from aggregator.committee import CommitteeManifest
 
-    kh = cfg.keyholder
-    agg = cfg.aggregator
-    passfile = kh.get("passphrase_file") or None
+    return CommitteeManifest.load(
+        cfg.path(str(cfg.committee.get("manifest", "keys/committee.json")))
+    )
+
+
+def build_dev_members(cfg: ServiceConfig, registry: Any, manifest: Any, min_clients: int) -> Any:
+    """In-process members (``inprocess-insecure-dev``): T shares in one process."""
+    from aggregator.keyholder_config import load_member_dir
+    from edge_sdk.crypto import read_passphrase
+
+    members = cfg.committee.get("members") or []
+    if len(members) < manifest.threshold:
+        raise ConfigError(
+            f"[committee] inprocess-insecure-dev needs at least T = {manifest.threshold} "
+            f"member folders in members, got {len(members)}"
+        )
+    passfile = cfg.committee.get("passphrase_file") or None
     passphrase = read_passphrase(cfg.path(passfile) if passfile else None)
-    secret = load_private_key(
-        cfg.path(str(kh.get("secret_key", "keys/paillier_secret.json"))),
-        passphrase=passphrase,
-        allow_unencrypted=bool(kh.get("allow_unencrypted_key", False)),
-    )
-    registry = DeviceRegistry.load(cfg.path(str(agg.get("registry", "registry.json"))))
-    return KeyHolder(
-        secret,
-        registry,
-        federation=str(agg["federation"]),
-        min_clients=int(kh.get("min_clients", agg["min_clients"])),
-        identity=_identity(cfg),
-    )
+    return [
+        load_member_dir(
+            cfg.path(str(folder)),
+            manifest=manifest,
+            registry=registry,
+            min_clients=min_clients,
+            passphrase=passphrase,
+            allow_unencrypted=bool(cfg.committee.get("allow_unencrypted_key", False)),
+        )
+        for folder in members
+    ]
 
 
 def build_aggregator(cfg: ServiceConfig, *, transport: Any = None) -> Any:
     """Build the :class:`~aggregator.service.AggregatorService` of this config."""
     import numpy as np
 
-    from aggregator.keyholder import KeyholderVerifier
+    from aggregator.committee import CommitteeVerifier
     from aggregator.metrics import Metrics
     from aggregator.optimizers import make_optimizer
     from aggregator.planning import plan_rounds
@@ -279,25 +288,27 @@ def build_aggregator(cfg: ServiceConfig, *, transport: Any = None) -> Any:
         weights = np.load(cfg.path(initial_path)).astype(np.float32).reshape(-1)
     else:
         weights = np.zeros(dimension, dtype=np.float32)
-    mode = str(cfg.keyholder.get("mode", "inprocess"))
-    if mode not in ("inprocess", "remote"):
-        raise ConfigError(f"[keyholder] mode must be inprocess or remote, got {mode!r}")
-    keyholder = build_keyholder(cfg) if mode == "inprocess" else None
-    trusted: bytes | None
-    if keyholder is not None:
-        trusted = keyholder.identity.public_key_bytes
-    else:
-        hex_key = str(cfg.keyholder.get("identity_public", ""))
-        if not hex_key:
-            raise ConfigError("[keyholder] remote mode needs identity_public (hex)")
-        trusted = bytes.fromhex(hex_key)
+    manifest = load_manifest(cfg)
+    if manifest.key_fingerprint != public_key.fingerprint:
+        raise ConfigError(
+            "[committee] manifest is for Paillier key "
+            f"{manifest.key_fingerprint[:16]}..., [aggregator] public_key is "
+            f"{public_key.fingerprint[:16]}..."
+        )
+    if manifest.federation != federation:
+        raise ConfigError(
+            f"[committee] manifest is for federation {manifest.federation!r}, not {federation!r}"
+        )
+    members = []
+    if cfg.committee.get("mode", "remote") == "inprocess-insecure-dev":
+        members = build_dev_members(cfg, registry, manifest, min_clients)
     machine = RoundMachine(
         round_config,
         plan,
         registry,
         make_optimizer(optimizer_settings),
         initial_weights=weights,
-        keyholder=KeyholderVerifier(trusted),
+        committee=CommitteeVerifier(manifest),
         identity=aggregator_identity(cfg),
     )
     store = AggregatorStore(
@@ -311,7 +322,7 @@ def build_aggregator(cfg: ServiceConfig, *, transport: Any = None) -> Any:
         machine,
         store,
         transport,
-        keyholder=keyholder,
+        keyholders=members,
         metrics=Metrics(enabled=True, port=int(agg.get("metrics_port", 0))),
         crash=CrashHook(),
     )

@@ -1,64 +1,73 @@
-"""The key holder: decrypts a round's encrypted sum, and nothing smaller.
+"""A key-holder committee member: verifies on its own, then releases a decryption share.
 
-Trust model. The key holder holds the Paillier secret key; the aggregator
-does not. It decrypts only a sum that carries at least ``min_clients``
-distinct, enrolled, non-revoked devices' signed contributor proofs for that
-round, under the federation's key and the sum's packing spec; it checks the
-signatures with its OWN copy of the device registry, and its own
-``min_clients`` (never the request's). It answers with the aggregate slot
-sums only (int64), signed with its Ed25519 key, and never writes a plaintext
-anywhere.
+Trust model. The secret key exists only as ``N`` threshold shares; this
+member holds one (:class:`aggregator.threshold.HolderShare`). It assumes
+nothing of the aggregator or the broker, and it never sees a plaintext: it
+releases ``c^(2*Delta*s_i)`` for the requested sum with a proof of
+correctness, and the sum becomes readable only when ``T`` members did so.
 
-It decrypts at most one sum per (federation, round): a second, different
-request for a round it has answered is refused, so an aggregator cannot
-learn one device's update as the difference of two sums that differ by that
-device. The identical request is answered again (idempotent; an aggregator
-that crashed re-asks).
+Before it releases anything, a member checks on its own (sans-io: the
+service feeds it bytes):
 
-What it cannot check on its own: that ``encrypted_sum`` really is the
-product of the listed contributors' ciphertexts. The proofs bind each
-device's ciphertext digest, not the sum. An aggregator that lies could ask
-for the decryption of one device's ciphertext while listing ``min_clients``
-proofs. Give :meth:`KeyHolder.handle` the contributors' ciphertext blobs
-(``ciphertexts=``; verify mode) to close that gap: it then checks every
-blob against its signed digest and recomputes the product. Without it, the
-deployment must trust the aggregator on this point (or run the two on
-non-colluding parties and audit).
+* the witness: it watches the devices' updates read-only (``updates/+``),
+  checks each one's chunks against its topic, its signature against the
+  member's OWN registry, and its binding proof when the federation has a
+  committee base (:mod:`edge_sdk.crypto.binding`), and keeps at most
+  ``witness_rounds`` updates per device (one per round; the first wins, a
+  different second one is equivocation). A bogus, forged, future-round or
+  oversized message changes nothing but a counter, and one device can only
+  ever occupy its own bounded slots;
+* the request: federation, packing spec and key, the noise spec (every
+  contributor's privacy digest must be the request's, and the quorum the
+  noise was calibrated for must be met), one proof per device, each signed
+  by an enrolled device, at least its own ``min_clients`` contributors, and
+  that the encrypted sum is the product of exactly those devices' own
+  witnessed ciphertexts (a single device's ciphertext, a sum over another
+  device list, or an earlier round's sum is refused);
+* one sum per round: a second, different request for a round it answered is
+  refused (otherwise two sums differing by one device reveal that device).
+  The identical request is answered again (an aggregator that crashed
+  re-asks).
 
-A sum whose slots exceed what ``count`` honest contributions can reach is
-answered with status ``overflow`` and no aggregate: the round is discarded,
-never published (a malicious device sent an out-of-range plaintext).
+Refusals are signed and carry a reason; the aggregator logs them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 
-import numpy as np
+import msgpack
 
+from aggregator.committee import CommitteeManifest, request_digest, share_context
+from aggregator.threshold import HolderShare, decryption_share
 from edge_sdk.crypto import (
     CiphertextVector,
     PackingSpec,
-    PaillierPrivateKey,
-    decrypt,
     sum_ciphertexts,
-    unpack_sum,
 )
-from edge_sdk.errors import (
-    DecodeError,
-    InvalidCiphertextError,
-    InvalidSignatureError,
-    SlotOverflowError,
+from edge_sdk.errors import DecodeError, InvalidCiphertextError, InvalidSignatureError
+from edge_sdk.identity import DeviceIdentity, DeviceRegistry
+from edge_sdk.pipeline import noise_digest
+from edge_sdk.privacy import NoiseSpec
+from edge_sdk.protocol import (
+    Chunk,
+    ContributorProof,
+    EncryptedUpdate,
+    KeyholderRequest,
+    KeyholderResult,
+    Reassembler,
+    parse_topic,
 )
-from edge_sdk.identity import DeviceIdentity, DeviceRegistry, verify_signature
-from edge_sdk.protocol import ContributorProof, KeyholderRequest, KeyholderResult
 
-__all__ = ["KeyHolder", "KeyholderVerifier", "Refusal"]
+__all__ = ["BindingCheck", "KeyHolder", "Refusal"]
 
 log = logging.getLogger("edgefl.keyholder")
+
+#: Checks an update's binding proof; raises on a bad one (see edge_sdk.crypto.binding).
+BindingCheck = Callable[[EncryptedUpdate], None]
 
 
 class Refusal(Exception):
@@ -71,56 +80,76 @@ class Refusal(Exception):
 
 
 class KeyHolder:
-    """Checks a decryption request and answers with the aggregate or a refusal.
+    """One committee member (no I/O): witness updates, check requests, answer with a share.
 
     Args:
-        private_key: the federation's Paillier secret key.
-        registry: the key holder's own copy of the device registry.
-        federation: the federation it serves.
-        min_clients: its own quorum; requests with fewer distinct contributors
-            are refused whatever the aggregator claims.
-        identity: Ed25519 identity used to sign results (id ``keyholder``).
+        share: this member's threshold share.
+        manifest: the committee's public manifest (this member is in it).
+        registry: the member's own copy of the device registry.
+        holder_id: this member's id in the manifest.
+        identity: Ed25519 identity signing results (its public key is the
+            manifest's entry for ``holder_id``).
+        min_clients: its own quorum; requests with fewer distinct
+            contributors are refused whatever the aggregator claims.
+        binding_check: verifies an update's binding proof; None only for
+            federations without binding (then copies and cancellations are
+            not defended: development mode).
+        witness_rounds: updates kept per device (one per round).
+        max_update_bytes: largest update payload the witness reassembles.
         clock: milliseconds since the epoch (injected for tests).
     """
 
     def __init__(
         self,
-        private_key: PaillierPrivateKey,
+        share: HolderShare,
+        manifest: CommitteeManifest,
         registry: DeviceRegistry,
         *,
-        federation: str,
-        min_clients: int,
+        holder_id: str,
         identity: DeviceIdentity,
+        min_clients: int,
+        binding_check: BindingCheck | None = None,
+        witness_rounds: int = 2,
+        max_update_bytes: int = 256 << 20,
         clock: Callable[[], int] | None = None,
     ) -> None:
-        """Create the key holder (no I/O)."""
+        """Create the member (no I/O)."""
         if min_clients < 1:
             raise ValueError(f"min_clients must be >= 1, got {min_clients}")
-        self.private_key = private_key
-        self.public_key = private_key.public_key
+        info = manifest.holder(holder_id)
+        if info is None:
+            raise ValueError(f"{holder_id!r} is not a member of the committee")
+        if info.index != share.index:
+            raise ValueError(
+                f"{holder_id} has index {info.index} in the manifest, the share {share.index}"
+            )
+        if info.public_key != identity.public_key_bytes:
+            raise ValueError(f"{holder_id}: identity key is not the manifest's")
+        if witness_rounds < 1:
+            raise ValueError(f"witness_rounds must be >= 1, got {witness_rounds}")
+        self.share = share
+        self.manifest = manifest
+        self.public_key = manifest.public.public_key
+        if self.public_key.fingerprint != manifest.key_fingerprint:
+            raise ValueError("the committee's threshold key is not the manifest's Paillier key")
         self.registry = registry
-        self.federation = federation
-        self.min_clients = min_clients
+        self.federation = manifest.federation
+        self.holder_id = holder_id
         self.identity = identity
+        self.min_clients = min_clients
+        self.binding_check = binding_check
+        self.witness_rounds = witness_rounds
+        self.max_update_bytes = max_update_bytes
         self._clock = clock or (lambda: int(time.time() * 1000))
         self._fingerprint = bytes.fromhex(self.public_key.fingerprint)
         # round -> digest of the one request answered for it
         self._answered: dict[int, bytes] = {}
+        # device -> round -> (ciphertext digest, blob): bounded per device
+        self._seen: dict[str, OrderedDict[int, tuple[bytes, bytes]]] = {}
+        self._reassemblers: dict[str, Reassembler] = {}
         self.counters: dict[str, int] = {}
 
-    @staticmethod
-    def request_digest(request: KeyholderRequest) -> bytes:
-        """Identity of a request's substance (round, spec, contributors, sum)."""
-        h = hashlib.sha256(b"edgefl/v1/kh-request\x00")
-        for part in (
-            request.federation.encode(),
-            request.round_id.to_bytes(8, "big"),
-            request.packing_digest,
-            hashlib.sha256(request.contributors).digest(),
-            hashlib.sha256(request.encrypted_sum).digest(),
-        ):
-            h.update(part)
-        return h.digest()
+    # -- persistence -----------------------------------------------------------
 
     def answered_rounds(self) -> dict[int, bytes]:
         """Rounds answered so far and their request digests (for persistence)."""
@@ -130,62 +159,157 @@ class KeyHolder:
         """Reload the rounds answered before a restart."""
         self._answered.update(answered)
 
-    def handle(
-        self,
-        request: KeyholderRequest,
-        *,
-        ciphertexts: Mapping[str, bytes] | None = None,
-    ) -> KeyholderResult:
-        """Check ``request`` and return a signed result (``ok``, ``refused`` or ``overflow``).
+    def _count(self, what: str) -> None:
+        self.counters[what] = self.counters.get(what, 0) + 1
 
-        Args:
-            request: the aggregator's request.
-            ciphertexts: verify mode: each contributor's ciphertext blob by
-                device id; the sum is recomputed from them and must match.
+    # -- the witness -------------------------------------------------------------
+
+    def witness(self, topic: str, payload: bytes) -> str:
+        """Take one message seen on a device's update topic.
+
+        Returns:
+            What happened: ``stored``, ``partial`` (a chunk of a larger
+            update), ``duplicate``, or the reason it was ignored.
+        """
+        outcome = self._witness(topic, payload)
+        self._count(f"witness_{outcome}")
+        return outcome
+
+    def _witness(self, topic: str, payload: bytes) -> str:
+        parsed = parse_topic(topic)
+        if (
+            parsed is None
+            or parsed.kind != "updates"
+            or parsed.device_id is None
+            or parsed.federation != self.federation
+        ):
+            return "topic"
+        device = parsed.device_id
+        if not self.registry.is_active(device):
+            return "unknown_device"  # bounds state: only enrolled devices get slots
+        try:
+            chunk = Chunk.from_bytes(payload)
+        except DecodeError:
+            return "decode"
+        if (
+            chunk.stream != "update"
+            or chunk.sender != device
+            or chunk.federation != self.federation
+        ):
+            return "topic_mismatch"
+        reassembler = self._reassemblers.get(device)
+        if reassembler is None:
+            # Per device, so no device can evict another's half-received update.
+            reassembler = Reassembler(max_payload_size=self.max_update_bytes, max_pending=2)
+            self._reassemblers[device] = reassembler
+        try:
+            whole = reassembler.add(chunk)
+        except DecodeError:
+            return "chunk"
+        if whole is None:
+            return "partial"
+        try:
+            update = EncryptedUpdate.from_bytes(whole, max_size=self.max_update_bytes)
+        except DecodeError:
+            return "decode"
+        if update.device_id != device or update.federation != self.federation:
+            return "topic_mismatch"
+        if update.key_fingerprint != self._fingerprint:
+            return "wrong_key"
+        answered = max(self._answered, default=-1)
+        if update.round_id <= answered:
+            return "old_round"
+        slots = self._seen.get(device)
+        if slots is not None:
+            known = slots.get(update.round_id)
+            if known is not None:
+                return "duplicate" if known[0] == update.ciphertext_digest else "equivocation"
+        try:
+            self.registry.verify(device, update.signing_bytes(), update.signature)
+        except InvalidSignatureError:
+            return "bad_signature"
+        if self.binding_check is not None:
+            try:
+                self.binding_check(update)
+            except (InvalidCiphertextError, DecodeError, ValueError):
+                return "bad_binding"
+        if slots is None:
+            slots = OrderedDict()
+            self._seen[device] = slots
+        slots[update.round_id] = (update.ciphertext_digest, update.ciphertexts)
+        # Keep the device's highest rounds only: a device pushing bogus future
+        # rounds can only push out its own updates, never another device's.
+        for old in sorted(slots)[: max(0, len(slots) - self.witness_rounds)]:
+            del slots[old]
+        return "stored"
+
+    def _forget_through(self, round_id: int) -> None:
+        for slots in self._seen.values():
+            for old in [r for r in slots if r <= round_id]:
+                del slots[old]
+
+    def witnessed(self, device_id: str, round_id: int) -> bytes | None:
+        """The ciphertext digest witnessed for a device and round, if any."""
+        slot = self._slot(device_id, round_id)
+        return None if slot is None else slot[0]
+
+    def _slot(self, device_id: str, round_id: int) -> tuple[bytes, bytes] | None:
+        slots = self._seen.get(device_id)
+        return None if slots is None else slots.get(round_id)
+
+    def missing(self, request: KeyholderRequest) -> int:
+        """How many of the request's contributors' updates were not witnessed yet."""
+        try:
+            proofs = request.proofs()
+        except DecodeError:
+            return 0  # the checks refuse it
+        return sum(
+            1 for p in proofs if self.witnessed(p.device_id, p.round_id) != p.ciphertext_digest
+        )
+
+    # -- requests ----------------------------------------------------------------
+
+    def handle(self, request: KeyholderRequest) -> KeyholderResult:
+        """Check ``request`` and return a signed result (``ok`` with a share, or ``refused``).
+
+        A request whose contributors were not all witnessed is refused
+        (``verify_ciphertext_missing``); the service waits a grace period
+        (:meth:`missing`) before asking for that answer.
 
         Returns:
             The signed result; never raises for a bad request.
         """
         count = 0
         try:
-            spec, proofs = self._check(request)
-            count = len(proofs)
-            if ciphertexts is not None:
-                self._verify_sum(request, spec, proofs, ciphertexts)
-            key = self.request_digest(request)
+            key = request_digest(request)
             previous = self._answered.get(request.round_id)
             if previous is not None and previous != key:
                 raise Refusal("round_already_decrypted")
-            num_params = proofs[0].num_params
+            spec, proofs = self._check(request)
+            count = len(proofs)
+            if previous is None:
+                self._verify_sum(request, proofs)
             try:
                 vector = CiphertextVector.from_bytes(
-                    request.encrypted_sum, self.public_key, spec.num_plaintexts(num_params)
+                    request.encrypted_sum,
+                    self.public_key,
+                    spec.num_plaintexts(proofs[0].num_params),
                 )
             except InvalidCiphertextError as exc:
                 raise Refusal(f"sum_{exc.reason}") from None
+            # Record before releasing: a crash after this line re-answers only
+            # this same request (the service persists the state before sending).
             self._answered[request.round_id] = key
-            plaintexts = decrypt(self.private_key, vector)
-            try:
-                sums = unpack_sum(plaintexts, spec, count=count, length=num_params)
-            except SlotOverflowError as exc:
-                log.warning(
-                    "round %s: %d slot sums out of range; refusing to release",
-                    request.round_id,
-                    len(exc.slots),
-                )
-                return self._result(request, "overflow", f"{len(exc.slots)} slots", count)
-            finally:
-                del plaintexts
-            aggregate = np.ascontiguousarray(sums, dtype="<i8").tobytes()
+            self._forget_through(request.round_id)
+            share = decryption_share(self.share, vector.values, context=share_context(request))
             self._count("ok")
-            return self._result(request, "ok", "", count, aggregate)
+            return self._result(request, "ok", "", count, share.to_bytes(self.manifest.public))
         except Refusal as refusal:
             self._count(refusal.reason)
-            log.warning("round %s: refused: %s", request.round_id, refusal.reason)
+            log.warning(
+                "%s: round %s refused: %s", self.holder_id, request.round_id, refusal.reason
+            )
             return self._result(request, "refused", refusal.reason, count)
-
-    def _count(self, what: str) -> None:
-        self.counters[what] = self.counters.get(what, 0) + 1
 
     def _check(self, request: KeyholderRequest) -> tuple[PackingSpec, list[ContributorProof]]:
         if request.federation != self.federation:
@@ -198,10 +322,23 @@ class KeyHolder:
             raise Refusal("bad_spec")
         if spec.key_fingerprint != self.public_key.fingerprint:
             raise Refusal("wrong_key")
+        quorum = self.min_clients
+        if request.privacy:
+            try:
+                raw = msgpack.unpackb(request.privacy, raw=False, strict_map_key=True)
+                noise = NoiseSpec.from_dict(raw)
+            except Exception:
+                raise Refusal("bad_noise_spec") from None
+            # The noise each device added was sized for sums of noise.min_clients;
+            # a smaller sum would carry less noise than every ledger charged for.
+            quorum = max(quorum, noise.min_clients)
+        privacy_digest = noise_digest(request.privacy)
         try:
             proofs = list(request.proofs())
         except DecodeError:
             raise Refusal("bad_proofs") from None
+        if not proofs:
+            raise Refusal("quorum")
         seen: set[str] = set()
         for proof in proofs:
             if proof.device_id in seen:
@@ -214,6 +351,8 @@ class KeyHolder:
                 or proof.key_fingerprint != self._fingerprint
             ):
                 raise Refusal("proof_mismatch")
+            if proof.privacy_digest != privacy_digest:
+                raise Refusal("noise_mismatch")
             if proof.num_params != proofs[0].num_params:
                 raise Refusal("proof_mismatch")
             if proof.num_ciphertexts != spec.num_plaintexts(proof.num_params):
@@ -222,27 +361,21 @@ class KeyHolder:
                 self.registry.verify(proof.device_id, proof.signing_bytes(), proof.signature)
             except InvalidSignatureError as exc:
                 raise Refusal(f"proof_{exc.reason}") from None
-        if len(proofs) < self.min_clients:
+        if len(proofs) < quorum:
             raise Refusal("quorum")
         if len(proofs) > spec.max_contributors:
             raise Refusal("too_many_contributors")
         return spec, proofs
 
-    def _verify_sum(
-        self,
-        request: KeyholderRequest,
-        spec: PackingSpec,
-        proofs: list[ContributorProof],
-        ciphertexts: Mapping[str, bytes],
-    ) -> None:
+    def _verify_sum(self, request: KeyholderRequest, proofs: list[ContributorProof]) -> None:
         vectors = []
         for proof in proofs:
-            blob = ciphertexts.get(proof.device_id)
-            if blob is None or hashlib.sha256(blob).digest() != proof.ciphertext_digest:
+            slot = self._slot(proof.device_id, proof.round_id)
+            if slot is None or slot[0] != proof.ciphertext_digest:
                 raise Refusal("verify_ciphertext_missing")
             try:
                 vectors.append(
-                    CiphertextVector.from_bytes(blob, self.public_key, proof.num_ciphertexts)
+                    CiphertextVector.from_bytes(slot[1], self.public_key, proof.num_ciphertexts)
                 )
             except InvalidCiphertextError:
                 raise Refusal("verify_ciphertext_invalid") from None
@@ -256,45 +389,28 @@ class KeyHolder:
         status: str,
         reason: str,
         count: int,
-        aggregate: bytes = b"",
+        share: bytes = b"",
     ) -> KeyholderResult:
         unsigned = KeyholderResult(
             federation=request.federation,
             round_id=request.round_id,
             request_id=request.request_id,
+            holder_id=self.holder_id,
             status=status,
             reason=reason[:256],
             count=count,
-            aggregate=aggregate,
+            share=share,
             issued_ms=self._clock(),
         )
         return KeyholderResult(
             federation=unsigned.federation,
             round_id=unsigned.round_id,
             request_id=unsigned.request_id,
+            holder_id=unsigned.holder_id,
             status=unsigned.status,
             reason=unsigned.reason,
             count=unsigned.count,
-            aggregate=unsigned.aggregate,
+            share=unsigned.share,
             issued_ms=unsigned.issued_ms,
             signature=self.identity.sign(unsigned.signed_bytes()),
         )
-
-
-class KeyholderVerifier:
-    """The aggregator's check of a key holder result: signature and request match.
-
-    Args:
-        public_key: the key holder's raw Ed25519 public key, or None to
-            accept unsigned results (in-process key holder only).
-    """
-
-    def __init__(self, public_key: bytes | None) -> None:
-        """Create the verifier."""
-        self.public_key = public_key
-
-    def verify(self, result: KeyholderResult) -> None:
-        """Raise :class:`InvalidSignatureError` when the signature does not verify."""
-        if self.public_key is None:
-            return
-        verify_signature(self.public_key, result.signed_bytes(), result.signature)

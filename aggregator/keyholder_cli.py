@@ -1,4 +1,4 @@
-"""``edgefl keyholder serve``: the key holder as its own MQTT service."""
+"""``edgefl keyholder serve``: one committee member as its own MQTT service."""
 
 from __future__ import annotations
 
@@ -13,34 +13,70 @@ __all__ = ["register"]
 def register(parser: argparse.ArgumentParser) -> None:
     """Add ``serve`` and ``show-identity``."""
     sub = parser.add_subparsers(dest="keyholder_command", metavar="ACTION")
-    serve = sub.add_parser("serve", help="answer decryption requests until stopped")
-    serve.add_argument("--config", required=True, help="aggregator.toml ([keyholder] table)")
+    serve = sub.add_parser(
+        "serve",
+        help="verify updates and answer decryption requests with this member's share",
+        description=(
+            "Run one key-holder committee member: it watches the devices' updates "
+            "read-only, checks every decryption request on its own and answers with its "
+            "decryption share and a proof. Config: the keyholder.toml that "
+            "`edgefl keys ceremony` wrote into this member's folder."
+        ),
+    )
+    serve.add_argument("--config", required=True, help="keyholder.toml of this member")
     serve.set_defaults(func=_serve)
     show = sub.add_parser(
-        "show-identity", help="print the key holder's Ed25519 public key (hex) for the aggregator"
+        "show-identity", help="print this member's id, index and Ed25519 public key"
     )
-    show.add_argument("--config", required=True)
+    show.add_argument("--config", required=True, help="keyholder.toml of this member")
+    show.add_argument("--json", action="store_true", help="print the result as JSON")
     show.set_defaults(func=_show)
 
 
 def _show(args: argparse.Namespace) -> int:
-    from aggregator.config import _identity, load_config
+    from aggregator.committee import CommitteeManifest
+    from aggregator.keyholder_config import load_keyholder_config
+    from edge_sdk.cli import emit
+    from edge_sdk.errors import ConfigError
 
-    print(_identity(load_config(args.config)).public_key_bytes.hex())
+    cfg = load_keyholder_config(args.config)
+    manifest = CommitteeManifest.load(cfg.path(str(cfg.keyholder.get("manifest"))))
+    info = manifest.holder(cfg.holder_id)
+    if info is None:
+        raise ConfigError(f"{cfg.holder_id} is not in the committee manifest")
+    data = {
+        "id": info.holder_id,
+        "index": info.index,
+        "public_key": info.public_key.hex(),
+        "committee_fingerprint": manifest.fingerprint,
+        "threshold": manifest.threshold,
+        "holders": manifest.size,
+    }
+    text = (
+        f"{info.holder_id}: member {info.index} of {manifest.size} (threshold "
+        f"{manifest.threshold})\n  public key: {info.public_key.hex()}"
+    )
+    emit(data, as_json=args.json, text=text)
     return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from aggregator.config import build_keyholder, load_config, make_transport
+    from aggregator.config import make_transport
+    from aggregator.keyholder_config import build_member, load_keyholder_config
     from aggregator.keyholder_service import KeyholderService
 
-    cfg = load_config(args.config)
-    keyholder = build_keyholder(cfg)
+    cfg = load_keyholder_config(args.config)
+    member = build_member(cfg)
     settings = dict(cfg.transport)
-    settings["client_id"] = str(cfg.keyholder.get("client_id", "edgefl-keyholder"))
-    transport = make_transport(settings, default_client_id="edgefl-keyholder")
-    state = cfg.path(str(cfg.keyholder.get("state", "keyholder-state.json")))
-    service = KeyholderService(keyholder, transport, state_path=state)
+    settings.setdefault("client_id", cfg.holder_id)
+    transport = make_transport(settings, default_client_id=cfg.holder_id)
+    state = cfg.path(str(cfg.keyholder.get("state", "state.json")))
+    service = KeyholderService(
+        member,
+        transport,
+        state_path=state,
+        witness_grace_s=float(cfg.keyholder.get("witness_grace_s", 60.0)),
+    )
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -49,7 +85,12 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     service.start()
-    print(f"key holder serving federation {keyholder.federation}", flush=True)
+    print(
+        f"{cfg.holder_id} serving federation {member.federation} "
+        f"(member {member.share.index} of {member.manifest.size}, "
+        f"threshold {member.manifest.threshold})",
+        flush=True,
+    )
     try:
         stop.wait()
     finally:

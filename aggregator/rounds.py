@@ -12,8 +12,9 @@ Phases of a round::
 
     collecting --(target reached, or deadline with >= min_clients)--> decrypting
     collecting --(deadline with < min_clients)--> failed --> next round
-    decrypting --(key holder: ok)--> done: new model (retained) --> next round
-    decrypting --(overflow / refused / bad result)--> failed --> next round
+    decrypting --(T verified decryption shares)--> done: new model --> next round
+    decrypting --(more than N - T members refused or sent bad shares,
+                  or the combined sum overflows)--> failed --> next round
 
 Rule 1: validate, then mutate. An update reaches the running sum only after
 every check passed: topic, chunks, schema, federation, device registered and
@@ -40,14 +41,20 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import msgpack
 import numpy as np
 import numpy.typing as npt
 
-from aggregator.keyholder import KeyholderVerifier
+from aggregator.committee import CommitteeVerifier, InvalidShareError
 from aggregator.optimizers import ServerOptimizer, mean_delta
 from aggregator.planning import RoundPlan, build_announcement
-from edge_sdk.crypto import CiphertextAccumulator, CiphertextVector
-from edge_sdk.errors import DecodeError, InvalidCiphertextError, InvalidSignatureError
+from edge_sdk.crypto import CiphertextAccumulator, CiphertextVector, unpack_sum
+from edge_sdk.errors import (
+    DecodeError,
+    InvalidCiphertextError,
+    InvalidSignatureError,
+    SlotOverflowError,
+)
 from edge_sdk.identity import DeviceIdentity, DeviceRegistry, SignedMessage, sign_message
 from edge_sdk.protocol import (
     Chunk,
@@ -83,6 +90,7 @@ __all__ = [
     "Snapshot",
     "Start",
     "Tick",
+    "round_outcome",
 ]
 
 _S = TypeVar("_S", bound=SignedMessage)
@@ -332,7 +340,8 @@ class RoundMachine:
         registry: enrolled devices (signatures are checked against it).
         optimizer: the server optimizer (its state is restored from snapshots).
         initial_weights: version-0 model weights, used on the very first start.
-        keyholder: verifier of key holder results.
+        committee: the key-holder committee's verifier (checks each member's
+            signed result and share proof, combines ``T`` shares).
         identity: the aggregator's Ed25519 identity; when given, every
             announcement, model and receipt is signed.
     """
@@ -345,7 +354,7 @@ class RoundMachine:
         optimizer: ServerOptimizer,
         *,
         initial_weights: npt.ArrayLike | None = None,
-        keyholder: KeyholderVerifier | None = None,
+        committee: CommitteeVerifier,
         identity: DeviceIdentity | None = None,
     ) -> None:
         """Create the machine; call :meth:`restore` (or nothing) then feed :class:`Start`."""
@@ -357,7 +366,7 @@ class RoundMachine:
         self.plan = plan
         self.registry = registry
         self.optimizer = optimizer
-        self.keyholder = keyholder or KeyholderVerifier(None)
+        self.committee = committee
         # Signs announcements, models and receipts (devices that pin its
         # public key refuse unsigned or forged ones). Ed25519 is
         # deterministic, so a restarted machine re-signs to the same bytes.
@@ -395,6 +404,7 @@ class RoundMachine:
         self._history: dict[int, dict[str, bytes]] = {}
         self._request: KeyholderRequest | None = None
         self._last_request_ms = 0
+        self._reset_shares()
 
     # -- state accessors ---------------------------------------------------
 
@@ -464,6 +474,7 @@ class RoundMachine:
             {d: p.update_digest for d, p in self._accepted.items()}
         )
         self._request = KeyholderRequest.from_bytes(rec.request) if rec.request else None
+        self._reset_shares()
         done_rounds = self._model.version
         self.finished = (
             rec.phase in ("done", "failed")
@@ -545,6 +556,7 @@ class RoundMachine:
         self._acc = CiphertextAccumulator(self.public_key, self._num_ct)
         self._accepted = {}
         self._request = None
+        self._reset_shares()
         self._history[round_id] = {}
         for old in sorted(self._history)[: -self.config.history_rounds]:
             del self._history[old]
@@ -727,6 +739,7 @@ class RoundMachine:
             request_id=f"r{self._record.round_id}-n{count}",
             packing=self.plan.packing.to_bytes(),
             packing_digest=self._packing_digest,
+            privacy=self.plan.privacy_field,
             contributors=KeyholderRequest.pack_proofs(proofs),
             encrypted_sum=self._acc.value.to_bytes(),
             issued_ms=now,
@@ -779,6 +792,12 @@ class RoundMachine:
         assert self._announcement is not None
         return self._announcement.deadline_ms
 
+    def _reset_shares(self) -> None:
+        self._shares: dict[str, Any] = {}
+        self._share_results: dict[str, bytes] = {}
+        self._refused: dict[str, str] = {}
+        self._sum_values: tuple[int, ...] | None = None
+
     def _on_result(self, result: KeyholderResult, now: int) -> list[Action]:
         request = self._request
         if (
@@ -791,32 +810,88 @@ class RoundMachine:
             return [
                 Rejected(device_id=None, round_id=result.round_id, reason="stale_keyholder_result")
             ]
+        holder = result.holder_id
+        if holder in self._shares or holder in self._refused:
+            return []  # a re-sent answer (the holder saw a re-ask)
+        if self._sum_values is None:
+            self._sum_values = CiphertextVector.from_bytes(
+                request.encrypted_sum, self.public_key, self._num_ct
+            ).values
         try:
-            self.keyholder.verify(result)
+            share = self.committee.check(request, self._sum_values, result)
         except InvalidSignatureError:
             return [
                 Rejected(device_id=None, round_id=result.round_id, reason="keyholder_signature"),
-                Alert(kind="keyholder_signature", round_id=result.round_id),
+                Alert(kind="keyholder_signature", round_id=result.round_id, detail=holder),
             ]
-        count = self._acc.count
-        blob = result.to_bytes()
-        if result.status != "ok":
-            reason = result.status if result.status == "overflow" else f"refused:{result.reason}"
+        except InvalidShareError as exc:
+            # A signed, wrong share: the member is misbehaving (or broken). It is
+            # named, its share ignored; the others' shares still decrypt.
+            self._refused[holder] = "bad_share"
+            self.stats["keyholder_bad_share"] += 1
+            actions: list[Action] = [
+                Alert(
+                    kind="keyholder_bad_share",
+                    round_id=result.round_id,
+                    detail=f"{holder}: {exc}",
+                )
+            ]
+            return actions + self._maybe_give_up(now)
+        if share is None:
+            self._refused[holder] = result.reason
+            log.warning("round %d: %s refused: %s", result.round_id, holder, result.reason)
             return [
                 Alert(
-                    kind=f"keyholder_{result.status}",
+                    kind="keyholder_refused",
                     round_id=result.round_id,
-                    detail=result.reason,
+                    detail=f"{holder}: {result.reason}",
                 ),
-                *self._fail(reason, now, blob),
+                *self._maybe_give_up(now),
             ]
-        if result.count != count or len(result.aggregate) != 8 * self.plan.dimension:
+        if result.count != self._acc.count:
+            self._refused[holder] = "count"
             return [
-                Alert(kind="bad_keyholder_result", round_id=result.round_id),
-                *self._fail("bad_result", now, blob),
+                Alert(kind="bad_keyholder_result", round_id=result.round_id, detail=holder),
+                *self._maybe_give_up(now),
             ]
+        self._shares[holder] = share
+        self._share_results[holder] = result.to_bytes()
+        if len(self._shares) < self.committee.manifest.threshold:
+            return []
+        return self._decrypted(now)
+
+    def _maybe_give_up(self, now: int) -> list[Action]:
+        """Fail the round once fewer than ``T`` members can still answer ok."""
+        manifest = self.committee.manifest
+        if manifest.size - len(self._refused) >= manifest.threshold:
+            return []
+        reasons = sorted(set(self._refused.values()))
+        blob = _pack_results(self._share_results)
+        return self._fail(f"refused:{','.join(reasons)}"[:200], now, blob)
+
+    def _decrypted(self, now: int) -> list[Action]:
+        count = self._acc.count
+        blob = _pack_results(self._share_results)
+        round_id = self.round_id
+        plaintexts = self.committee.combine(self._num_ct, list(self._shares.values()))
+        try:
+            ints = unpack_sum(
+                plaintexts, self.plan.packing, count=count, length=self.plan.dimension
+            )
+        except SlotOverflowError as exc:
+            # A contributor encrypted values outside the honest range; the
+            # round is discarded, never published.
+            log.warning("round %d: %d slot sums out of range", round_id, len(exc.slots))
+            return [
+                Alert(
+                    kind="keyholder_overflow", round_id=round_id, detail=f"{len(exc.slots)} slots"
+                ),
+                *self._fail("overflow", now, blob),
+            ]
+        finally:
+            del plaintexts
         assert self._model is not None and self._record is not None
-        ints = np.frombuffer(result.aggregate, dtype="<i8")
+        blob = _pack_results(self._share_results, np.ascontiguousarray(ints, "<i8").tobytes())
         delta = mean_delta(
             ints,
             scale=self.plan.packing.scale,
@@ -829,7 +904,7 @@ class RoundMachine:
         if not np.all(np.isfinite(new)):
             self.optimizer.load_state(state_before)
             return [
-                Alert(kind="non_finite_model", round_id=result.round_id),
+                Alert(kind="non_finite_model", round_id=round_id),
                 *self._fail("non_finite", now, blob),
             ]
         weights = new.tobytes()
@@ -863,6 +938,45 @@ class RoundMachine:
             *self._publish_model(),
             *self._publish_round(),
         ]
+
+
+_OUTCOME_VERSION = 1
+
+
+def _pack_results(results: dict[str, bytes], aggregate: bytes = b"") -> bytes:
+    """A round's outcome for its record: the members' signed results and the released sum.
+
+    The sum (int64 little-endian per parameter) is what the committee's
+    shares released, kept for audit; it is empty when the round failed.
+    """
+    doc = {
+        "v": _OUTCOME_VERSION,
+        "results": [results[h] for h in sorted(results)],
+        "aggregate": aggregate,
+    }
+    data: bytes = msgpack.packb(doc, use_bin_type=True)
+    return data
+
+
+def round_outcome(blob: bytes) -> tuple[list[KeyholderResult], npt.NDArray[np.int64] | None]:
+    """Decode a record's ``result``: the members' results and the released sum (or None).
+
+    Raises:
+        DecodeError: not an outcome this version wrote.
+    """
+    if not blob:
+        return [], None
+    try:
+        doc = msgpack.unpackb(blob, raw=False, strict_map_key=True)
+        if not isinstance(doc, dict) or doc.get("v") != _OUTCOME_VERSION:
+            raise ValueError("version")
+        results = [KeyholderResult.from_bytes(r) for r in doc["results"]]
+        aggregate = bytes(doc["aggregate"])
+    except (ValueError, KeyError, TypeError, msgpack.ExtraData) as exc:
+        raise DecodeError(f"not a round outcome: {exc}", reason="malformed") from None
+    if not aggregate:
+        return results, None
+    return results, np.frombuffer(aggregate, dtype="<i8").copy()
 
 
 def _replace(record: RoundRecord, **changes: Any) -> RoundRecord:

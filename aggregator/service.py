@@ -33,7 +33,7 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from aggregator.keyholder import KeyHolder
@@ -61,6 +61,7 @@ from edge_sdk.protocol import (
     KeyholderResult,
     Reassembler,
     Topics,
+    parse_topic,
     split_payload,
 )
 from edge_sdk.transport import InboundMessage, Transport, TransportError
@@ -116,8 +117,10 @@ class AggregatorService:
         machine: the round machine (restored from the store by :meth:`start`).
         store: the durable store.
         transport: any :class:`~edge_sdk.transport.Transport` (manual acks).
-        keyholder: an in-process key holder; None means a remote one reached
-            over ``keyholder/request`` and ``keyholder/result``.
+        keyholders: in-process committee members (development only: they
+            share the aggregator's process, so nothing is defended against
+            whoever runs it). Empty (the default) means the committee is
+            reached over ``keyholder/request`` and ``keyholder/result/+``.
         metrics: Prometheus metrics (no-op when prometheus-client is absent).
         clock_ms: wall clock in milliseconds (injected for tests).
         crash: crash hook (tests).
@@ -129,7 +132,7 @@ class AggregatorService:
         store: AggregatorStore,
         transport: Transport,
         *,
-        keyholder: KeyHolder | None = None,
+        keyholders: Sequence[KeyHolder] = (),
         metrics: Metrics | None = None,
         clock_ms: Callable[[], int] | None = None,
         crash: CrashHook | None = None,
@@ -138,7 +141,7 @@ class AggregatorService:
         self.machine = machine
         self.store = store
         self.transport = transport
-        self.keyholder = keyholder
+        self.keyholders = tuple(keyholders)
         self.metrics = metrics or Metrics(enabled=False)
         self.clock_ms = clock_ms or (lambda: int(time.time() * 1000))
         self.crash = crash or CrashHook("")
@@ -161,8 +164,10 @@ class AggregatorService:
                 snapshot.count,
             )
         self.transport.subscribe(self.topics.updates_filter, self._on_message, qos=1)
-        if self.keyholder is None:
-            self.transport.subscribe(self.topics.keyholder_result, self._on_kh_message, qos=1)
+        if not self.keyholders:
+            self.transport.subscribe(
+                self.topics.keyholder_result_filter, self._on_kh_message, qos=1
+            )
         self.transport.on_connection_change(self._on_connection)
         self.transport.connect(timeout=connect_timeout)
         self._started = True
@@ -242,6 +247,8 @@ class AggregatorService:
             return
         assert message is not None
         if kind == "update":
+            for member in self.keyholders:  # development mode: they witness in-process
+                member.witness(message.topic, message.payload)
             self.feed(
                 MessageReceived(
                     topic=message.topic, payload=message.payload, now_ms=self.clock_ms()
@@ -253,9 +260,14 @@ class AggregatorService:
 
     def _keyholder_message(self, message: InboundMessage) -> None:
         try:
+            parsed = parse_topic(message.topic)
             chunk = Chunk.from_bytes(message.payload)
-            if chunk.sender != "keyholder":
-                raise DecodeError("result chunk not from the key holder", reason="sender")
+            if (
+                parsed is None
+                or parsed.kind != "keyholder/result"
+                or chunk.sender != parsed.device_id
+            ):
+                raise DecodeError("result chunk not from its holder's topic", reason="sender")
             payload = self._kh_reassembler.add(chunk)
             if payload is None:
                 return
@@ -326,12 +338,13 @@ class AggregatorService:
     def _request_decryption(self, action: RequestDecryption) -> None:
         self.crash.hit("before_decrypt")
         request = action.request
-        if self.keyholder is not None:
+        if self.keyholders:
             started = time.perf_counter()
-            result = self.keyholder.handle(request)
+            results = [member.handle(request) for member in self.keyholders]
             self.metrics.decrypt_seconds(time.perf_counter() - started)
             self.crash.hit("after_decrypt")
-            self.feed(KeyholderAnswered(result=result, now_ms=self.clock_ms()))
+            for result in results:
+                self.feed(KeyholderAnswered(result=result, now_ms=self.clock_ms()))
             return
         size = self.transport.max_payload_size(self.topics.keyholder_request)
         for chunk in split_payload(

@@ -23,6 +23,7 @@ from aggregator.rounds import (
     SendReceipt,
     Start,
     Tick,
+    round_outcome,
 )
 from aggregator.store import AggregatorStore
 from edge_sdk.crypto import PaillierPrivateKey, PaillierPublicKey
@@ -33,7 +34,7 @@ from tests.test_aggregator_support import (
     FED,
     Fleet,
     deltas,
-    make_keyholder,
+    make_keyholders,
     make_machine,
     make_update,
     update_messages,
@@ -46,10 +47,12 @@ DIM = 40
 
 
 class Driver:
-    """Executes machine actions against a store and an in-process key holder."""
+    """Executes machine actions against a store and in-process committee members."""
 
-    def __init__(self, machine: RoundMachine, store: AggregatorStore, kh: KeyHolder) -> None:
-        self.machine, self.store, self.kh = machine, store, kh
+    def __init__(
+        self, machine: RoundMachine, store: AggregatorStore, members: list[KeyHolder]
+    ) -> None:
+        self.machine, self.store, self.members = machine, store, members
         self.log: list[Action] = []
         self.published: dict[str, bytes] = {}
 
@@ -61,14 +64,17 @@ class Driver:
             if isinstance(action, Publish) and action.retain:
                 self.published[action.topic] = action.payload
             if isinstance(action, RequestDecryption):
-                result = self.kh.handle(action.request)
-                out += self.feed(KeyholderAnswered(result=result, now_ms=event.now_ms))
+                for member in self.members:
+                    result = member.handle(action.request)
+                    out += self.feed(KeyholderAnswered(result=result, now_ms=event.now_ms))
         self.log += actions
         return out
 
     def send(self, update: EncryptedUpdate, now: int = 2_000, **kw: Any) -> list[Action]:
         out: list[Action] = []
         for topic, payload in update_messages(update, **kw):
+            for member in self.members:  # each member witnesses what the broker delivers
+                member.witness(topic, payload)
             out += self.feed(MessageReceived(topic=topic, payload=payload, now_ms=now))
         return out
 
@@ -86,11 +92,12 @@ def fleet(tmp_path: Path) -> Fleet:
 def _driver(
     keys: tuple[PaillierPublicKey, PaillierPrivateKey], fleet: Fleet, tmp_path: Path, **kw: Any
 ) -> Driver:
-    pk, sk = keys
-    machine = make_machine(pk, fleet, dim=DIM, **kw)
+    pk, _ = keys
+    committee = _support._default_committee()
+    machine = make_machine(pk, fleet, dim=DIM, committee=committee, **kw)
     store = AggregatorStore(tmp_path / "agg.db", federation=FED, key_fingerprint=pk.fingerprint)
-    kh = make_keyholder(sk, fleet, min_clients=kw.get("min_clients", 3))
-    return Driver(machine, store, kh)
+    members = make_keyholders(committee, fleet, min_clients=kw.get("min_clients", 3))
+    return Driver(machine, store, members)
 
 
 def _statuses(actions: list[Action]) -> list[str]:
@@ -124,10 +131,10 @@ def test_full_round_model_is_mean_of_quantized_deltas(keypair, fleet, tmp_path) 
     # the released aggregate is the exact integer sum
     rec = d.store.round_record(1)
     assert rec is not None and rec.phase == "done" and rec.count == 4
-    from edge_sdk.protocol import KeyholderResult
-
-    res = KeyholderResult.from_bytes(rec.result)
-    np.testing.assert_array_equal(np.frombuffer(res.aggregate, "<i8"), np.sum(values, axis=0))
+    results, released = round_outcome(rec.result)
+    assert sorted(r.holder_id for r in results) == ["keyholder-1", "keyholder-2"]
+    assert released is not None
+    np.testing.assert_array_equal(released, np.sum(values, axis=0))
     # retained model and round were re-published
     assert d.published[d.machine.topics.round] == d.announcement().to_bytes()
 
@@ -353,8 +360,9 @@ def test_restart_from_store_resumes_round(keypair, fleet, tmp_path) -> None:
     for upd, _ in ups[:2]:
         d.send(upd)
     d.store.close()
-    # "crash": a fresh machine and store from the same file
+    # "crash": a fresh machine and store from the same file (the members run on)
     d2 = _driver(keypair, fleet, tmp_path, target=4)
+    d2.members = d.members
     snap = d2.store.load_snapshot()
     assert snap is not None
     d2.machine.restore(snap)
@@ -364,13 +372,9 @@ def test_restart_from_store_resumes_round(keypair, fleet, tmp_path) -> None:
     for upd, _ in ups[2:]:
         d2.send(upd)
     res_vals = np.sum([v for _, v in ups], axis=0)
-    from edge_sdk.protocol import KeyholderResult
-
     rec = d2.store.round_record(1)
     assert rec is not None
-    np.testing.assert_array_equal(
-        np.frombuffer(KeyholderResult.from_bytes(rec.result).aggregate, "<i8"), res_vals
-    )
+    np.testing.assert_array_equal(round_outcome(rec.result)[1], res_vals)
 
 
 def test_persist_actions_precede_receipts(keypair, fleet, tmp_path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,11 +12,13 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from aggregator.keyholder import KeyHolder, KeyholderVerifier
+from aggregator.committee import CommitteeManifest, CommitteeVerifier, HolderInfo
+from aggregator.keyholder import KeyHolder
 from aggregator.optimizers import FedAvg, ServerOptimizer
 from aggregator.planning import RoundPlan, plan_rounds
 from aggregator.rounds import RoundConfig, RoundMachine
-from edge_sdk.crypto import PaillierPrivateKey, PaillierPublicKey, generate_keypair
+from aggregator.threshold import Ceremony, ceremony
+from edge_sdk.crypto import PaillierPrivateKey, PaillierPublicKey
 from edge_sdk.identity import DeviceIdentity, DeviceRegistry
 from edge_sdk.pipeline import RoundContext, build_update
 from edge_sdk.protocol import EncryptedUpdate, RoundAnnouncement, Topics, split_payload
@@ -24,10 +27,71 @@ from edge_sdk.randomness import DeterministicRandom
 FED = "testfed"
 
 
+_KEYS = json.loads((Path(__file__).parent / "vectors" / "crypto_test_keys.json").read_text())
+SAFE_PRIMES = (int(_KEYS["safe2048"]["p"]), int(_KEYS["safe2048"]["q"]))
+
+
+@dataclass
+class Committee:
+    """A real 2-of-3 threshold committee over the session's 2048-bit safe-prime key."""
+
+    ceremony: Ceremony
+    identities: list[DeviceIdentity]
+    manifest: CommitteeManifest
+
+    @property
+    def public_key(self) -> PaillierPublicKey:
+        return self.ceremony.public_key
+
+    def verifier(self) -> CommitteeVerifier:
+        return CommitteeVerifier(self.manifest)
+
+    def members(
+        self, registry: DeviceRegistry, *, min_clients: int = 3, **kwargs: Any
+    ) -> list[KeyHolder]:
+        """Fresh members (one per share) with their own view of ``registry``."""
+        return [
+            KeyHolder(
+                share,
+                self.manifest,
+                registry,
+                holder_id=ident.device_id,
+                identity=ident,
+                min_clients=min_clients,
+                clock=lambda: 5_000,
+                **kwargs,
+            )
+            for share, ident in zip(self.ceremony.shares, self.identities, strict=True)
+        ]
+
+
+def make_committee(holders: int = 3, threshold: int = 2) -> Committee:
+    """A T-of-N committee over the test key (ceremony from known safe primes)."""
+    result = ceremony(2048, holders=holders, threshold=threshold, primes=SAFE_PRIMES)
+    identities = [DeviceIdentity.generate(f"keyholder-{i}") for i in range(1, holders + 1)]
+    manifest = CommitteeManifest(
+        federation=FED,
+        key_fingerprint=result.public_key.fingerprint,
+        public=result.committee,
+        holders=tuple(
+            HolderInfo(holder_id=ident.device_id, index=i, public_key=ident.public_key_bytes)
+            for i, ident in enumerate(identities, start=1)
+        ),
+    )
+    return Committee(result, identities, manifest)
+
+
+@pytest.fixture(scope="session")
+def committee() -> Committee:
+    """The session's 2-of-3 committee (real 2048-bit key from safe primes)."""
+    return _default_committee()
+
+
 @pytest.fixture(scope="session")
 def keypair() -> tuple[PaillierPublicKey, PaillierPrivateKey]:
-    """One real 2048-bit Paillier key pair for the whole session."""
-    return generate_keypair(2048)
+    """The committee's 2048-bit public key, and (tests only) its whole secret key."""
+    pk = _default_committee().public_key
+    return pk, PaillierPrivateKey(pk, *SAFE_PRIMES)
 
 
 @dataclass
@@ -113,7 +177,7 @@ def make_machine(
     duration_ms: int = 60_000,
     rounds: int = 0,
     optimizer: ServerOptimizer | None = None,
-    keyholder_key: bytes | None = None,
+    committee: Committee | None = None,
     **config: Any,
 ) -> RoundMachine:
     plan = make_plan(public_key, dim=dim, min_clients=min_clients)
@@ -131,21 +195,23 @@ def make_machine(
         fleet.registry,
         optimizer or FedAvg(),
         initial_weights=np.zeros(dim, dtype=np.float32),
-        keyholder=KeyholderVerifier(keyholder_key),
+        committee=(committee or _default_committee()).verifier(),
     )
 
 
-def make_keyholder(
-    private_key: PaillierPrivateKey, fleet: Fleet, *, min_clients: int = 3
-) -> KeyHolder:
-    return KeyHolder(
-        private_key,
-        fleet.registry,
-        federation=FED,
-        min_clients=min_clients,
-        identity=DeviceIdentity.generate("keyholder"),
-        clock=lambda: 5_000,
-    )
+_COMMITTEE: list[Committee] = []
+
+
+def _default_committee() -> Committee:
+    if not _COMMITTEE:
+        _COMMITTEE.append(make_committee())
+    return _COMMITTEE[0]
+
+
+def make_keyholders(
+    committee: Committee, fleet: Fleet, *, min_clients: int = 3, **kwargs: Any
+) -> list[KeyHolder]:
+    return committee.members(fleet.registry, min_clients=min_clients, **kwargs)
 
 
 def deltas(n: int, dim: int, seed: int = 7) -> list[npt.NDArray[np.float64]]:

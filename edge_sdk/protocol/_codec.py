@@ -1,6 +1,6 @@
 """Field rules and the canonical msgpack codec behind every wire message.
 
-Wire form of every message (schema version 1)::
+Wire form of every message (schema version 2)::
 
     msgpack array [version: int, kind: str, body: map, check: bin(8)]
 
@@ -48,8 +48,10 @@ __all__ = [
     "encode",
 ]
 
-SCHEMA_VERSION = 1
-SUPPORTED_VERSIONS = frozenset({1})
+SCHEMA_VERSION = 2
+#: Schema 1 (no binding proofs, a single key holder returning plaintext sums)
+#: is not accepted: its guarantees are weaker than schema 2 promises.
+SUPPORTED_VERSIONS = frozenset({2})
 CHECK_LEN = 8
 MAX_DEPTH = 4
 

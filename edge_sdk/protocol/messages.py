@@ -1,11 +1,14 @@
-"""The wire messages of edgefl (schema version 1).
+"""The wire messages of edgefl (schema version 2).
 
 Every type here is a frozen, slotted, keyword-only dataclass that validates
 on construction; decode with :func:`decode_message` or ``Type.from_bytes``.
 
-Compatibility rule: within schema version 1 the fields of every kind are
-fixed. A new field means schema version 2; decoders accept a closed set of
-versions and reject the rest. Fields are never removed or given a new
+Compatibility rule: within a schema version the fields of every kind are
+fixed (version 2 added ``binding`` to updates and proofs, ``privacy`` to key
+holder requests, and replaced the key holder's plaintext ``aggregate`` by a
+committee member's ``holder_id`` and decryption ``share``). A new field
+means a new schema version; decoders accept a closed set of versions and
+reject the rest. Fields are never removed or given a new
 meaning. Kinds are looked up in a closed table; nothing named by wire data is
 imported or instantiated outside it.
 
@@ -238,6 +241,11 @@ _UPDATE_RULES: dict[str, Rule] = {
     "num_ciphertexts": IntRule(1, MAX_PARAMS),
     "ciphertext_digest": _DIGEST,
     "created_ms": _TIME,
+    # Schema 2: the sender's proof that it knows the plaintexts of these
+    # ciphertexts, bound to (federation, round, device, spec, ciphertext
+    # digest); see edge_sdk.crypto.binding. Empty only where the federation
+    # runs without binding (development keys without a committee base).
+    "binding": BytesRule(0, 2048),
 }
 
 
@@ -268,6 +276,7 @@ class ContributorProof(Message):
     num_ciphertexts: int
     ciphertext_digest: bytes
     created_ms: int
+    binding: bytes = b""
     signature: bytes
 
     def signing_bytes(self) -> bytes:
@@ -294,6 +303,8 @@ class EncryptedUpdate(Message):
         num_ciphertexts: number of packed ciphertexts in ``ciphertexts``.
         ciphertext_digest: SHA-256 of ``ciphertexts`` (checked here).
         created_ms: when the device built the update.
+        binding: proof of plaintext knowledge bound to sender and round
+            (schema 2; :mod:`edge_sdk.crypto.binding`).
         ciphertexts: fixed-width big-endian ciphertext blob.
         signature: Ed25519 over :meth:`signing_bytes`.
     """
@@ -315,6 +326,7 @@ class EncryptedUpdate(Message):
     num_ciphertexts: int
     ciphertext_digest: bytes
     created_ms: int
+    binding: bytes = b""
     ciphertexts: bytes
     signature: bytes
 
@@ -474,6 +486,9 @@ class KeyholderRequest(Message):
         request_id: idempotency key chosen by the aggregator.
         packing: packing spec encoding (the key holder re-derives its digest).
         packing_digest: its digest; must match every proof.
+        privacy: the round's noise spec encoding (schema 2); every proof's
+            privacy digest must be its digest, and each key holder checks the
+            spec against the federation policy before it releases a share.
         contributors: the signed headers of every update in the sum.
         encrypted_sum: fixed-width big-endian ciphertext blob of the sum.
         issued_ms: when the request was made.
@@ -486,6 +501,7 @@ class KeyholderRequest(Message):
         "request_id": _ID,
         "packing": _OPAQUE,
         "packing_digest": _DIGEST,
+        "privacy": _OPAQUE,
         "contributors": BytesRule(0, 64 * 1024 * 1024),
         "encrypted_sum": BytesRule(1, 64 * MAX_PARAMS),
         "issued_ms": _TIME,
@@ -496,6 +512,7 @@ class KeyholderRequest(Message):
     request_id: str
     packing: bytes
     packing_digest: bytes
+    privacy: bytes = b""
     contributors: bytes
     encrypted_sum: bytes
     issued_ms: int
@@ -529,23 +546,30 @@ class KeyholderRequest(Message):
         return tuple(out)
 
 
-KEYHOLDER_STATUSES = frozenset({"ok", "refused", "overflow"})
+KEYHOLDER_STATUSES = frozenset({"ok", "refused"})
+#: Longest encoded decryption share accepted (a 50M-parameter sum at 2048 bits).
+MAX_SHARE_BYTES = 64 * MAX_PARAMS
 
 
 @register
 @dataclass(frozen=True, slots=True, kw_only=True)
 class KeyholderResult(Message):
-    """The key holder's answer: the aggregate slot sums, or a refusal.
+    """One committee member's answer: its decryption share with proof, or a refusal.
+
+    Schema 2: no key holder ever sees or sends the plaintext sum. Each holder
+    sends its share of the decryption of ``encrypted_sum`` (values
+    ``c^(2*Delta*s_i)`` and a proof of correctness, see
+    :mod:`aggregator.threshold`); any party combines ``T`` verified shares.
 
     Attributes:
         federation, round_id, request_id: the request answered.
-        status: ``ok``, ``refused`` (quorum, signatures, spec) or ``overflow``.
-        reason: why, when not ok.
+        holder_id: the committee member answering (its Ed25519 key signs).
+        status: ``ok`` (share attached) or ``refused``.
+        reason: why, when refused.
         count: contributions in the sum.
-        aggregate: the integer sum per parameter, int64 little-endian (empty
-            unless ok).
+        share: the encoded decryption share (empty unless ok).
         issued_ms: when answered.
-        signature: the key holder's Ed25519 signature over :meth:`signed_bytes`.
+        signature: the holder's Ed25519 signature over :meth:`signed_bytes`.
     """
 
     KIND: ClassVar[str] = "kh_result"
@@ -553,10 +577,11 @@ class KeyholderResult(Message):
         "federation": _FED,
         "round_id": _ROUND,
         "request_id": _ID,
+        "holder_id": _ID,
         "status": StrRule(max_len=16, choices=KEYHOLDER_STATUSES),
         "reason": StrRule(max_len=256),
         "count": _COUNT,
-        "aggregate": BytesRule(0, 8 * MAX_PARAMS),
+        "share": BytesRule(0, MAX_SHARE_BYTES),
         "issued_ms": _TIME,
         "signature": _OPT_SIG,
     }
@@ -564,18 +589,19 @@ class KeyholderResult(Message):
     federation: str
     round_id: int
     request_id: str
+    holder_id: str
     status: str
     reason: str = ""
     count: int
-    aggregate: bytes = b""
+    share: bytes = b""
     issued_ms: int
     signature: bytes = b""
 
     def _validate(self) -> None:
-        if len(self.aggregate) % 8:
-            raise ValueError("kh_result.aggregate must hold whole int64 values")
-        if self.status != "ok" and self.aggregate:
-            raise ValueError("kh_result.aggregate must be empty unless status is ok")
+        if self.status != "ok" and self.share:
+            raise ValueError("kh_result.share must be empty unless status is ok")
+        if self.status == "ok" and not self.share:
+            raise ValueError("kh_result.share is required when status is ok")
 
     def signed_bytes(self) -> bytes:
         """Bytes the key holder signs (everything but the signature)."""

@@ -8,7 +8,7 @@
 | ``ack/{device}`` | aggregator -> device | no | Receipt |
 | ``status/{device}`` | device -> aggregator | yes | DeviceStatus (last will: offline) |
 | ``keyholder/request`` | aggregator -> key holder | no | KeyholderRequest (chunked if large) |
-| ``keyholder/result`` | key holder -> aggregator | no | KeyholderResult |
+| ``keyholder/result/{holder}`` | committee member -> aggregator | no | KeyholderResult (chunked) |
 """
 
 from __future__ import annotations
@@ -85,10 +85,14 @@ class Topics:
         """Aggregator to key holder."""
         return f"{self.base}/keyholder/request"
 
+    def keyholder_result(self, holder_id: str) -> str:
+        """One committee member's results to the aggregator."""
+        return f"{self.base}/keyholder/result/{_check_name('holder_id', holder_id)}"
+
     @property
-    def keyholder_result(self) -> str:
-        """Key holder to aggregator."""
-        return f"{self.base}/keyholder/result"
+    def keyholder_result_filter(self) -> str:
+        """Subscription filter for every committee member's results."""
+        return f"{self.base}/keyholder/result/+"
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +117,8 @@ def parse_topic(topic: str) -> ParsedTopic | None:
         return ParsedTopic(federation, "model", index=int(rest[1]))
     if len(rest) == 2 and rest[0] in ("updates", "ack", "status") and _NAME.fullmatch(rest[1]):
         return ParsedTopic(federation, rest[0], device_id=rest[1])
-    if len(rest) == 2 and rest[0] == "keyholder" and rest[1] in ("request", "result"):
-        return ParsedTopic(federation, f"keyholder/{rest[1]}")
+    if rest == ["keyholder", "request"]:
+        return ParsedTopic(federation, "keyholder/request")
+    if len(rest) == 3 and rest[:2] == ["keyholder", "result"] and _NAME.fullmatch(rest[2]):
+        return ParsedTopic(federation, "keyholder/result", device_id=rest[2])
     return None

@@ -1,0 +1,322 @@
+"""``keyholder.toml``, the key ceremony's output folder, and building a committee member.
+
+The ceremony (``edgefl keys ceremony --holders N --threshold T --out DIR``)
+writes::
+
+    DIR/paillier_public.json        the federation's ordinary Paillier public key
+    DIR/committee.json              the public committee manifest
+    DIR/keyholder-1/share.json      holder 1's sealed threshold share (0600)
+    DIR/keyholder-1/identity.key    holder 1's Ed25519 key (0600; signs results)
+    DIR/keyholder-1/keyholder.toml  holder 1's own configuration
+    ...
+
+No whole secret key is written anywhere, and the ceremony process forgets
+the primes when it returns. Hand each ``keyholder-i`` folder to a different
+operator (and machine); give the aggregator only ``paillier_public.json`` and
+``committee.json``. Losing ``N - T + 1`` share folders loses the federation's
+key (every model after that needs a new ceremony and new enrollment).
+
+Paths in ``keyholder.toml`` are relative to its own folder. Unknown keys are
+refused so a typo is not silently ignored.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge_sdk.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = [
+    "KEYHOLDER_TEMPLATE",
+    "KeyholderConfig",
+    "build_member",
+    "load_keyholder_config",
+    "load_member_dir",
+    "run_ceremony",
+]
+
+KEYHOLDER_TEMPLATE = """\
+# edgefl key holder (committee member) configuration; paths relative to this file.
+# Run: EDGEFL_KEY_PASSPHRASE=... edgefl keyholder serve --config keyholder.toml
+
+[keyholder]
+id = "{holder_id}"                   # this member's id: manifest entry, MQTT client id, cert CN
+federation = "{federation}"
+share = "share.json"                 # sealed threshold share (never copy it elsewhere)
+identity = "identity.key"            # Ed25519 key signing this member's results
+manifest = "../committee.json"       # the committee's public manifest
+registry = "{registry}"              # this member's OWN copy of the device registry
+min_clients = {min_clients}          # refuse sums of fewer devices, whatever is asked
+state = "state.json"                 # rounds answered (request digests, never plaintexts)
+witness_grace_s = 60                 # wait this long for updates not seen yet
+passphrase_file = ""                 # else $EDGEFL_KEY_PASSPHRASE
+
+[transport]
+url = "{broker_url}"
+protocol = {protocol}                        # 5, or 311 for brokers without MQTT 5
+client_id = "{holder_id}"            # fixed: the broker keeps the session across restarts
+clean_start = false
+session_expiry_s = 86400
+manual_ack = true
+"""
+
+_KEYS = {
+    "id",
+    "federation",
+    "share",
+    "identity",
+    "manifest",
+    "registry",
+    "min_clients",
+    "state",
+    "witness_grace_s",
+    "passphrase_file",
+    "allow_unencrypted_key",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class KeyholderConfig:
+    """A parsed ``keyholder.toml``: its folder and its two tables."""
+
+    base: Path
+    keyholder: dict[str, Any]
+    transport: dict[str, Any]
+
+    def path(self, value: str) -> Path:
+        """Resolve a path relative to the config file."""
+        p = Path(value)
+        return p if p.is_absolute() else self.base / p
+
+    @property
+    def holder_id(self) -> str:
+        """This member's id."""
+        return str(self.keyholder["id"])
+
+
+def load_keyholder_config(path: str | Path) -> KeyholderConfig:
+    """Read and check ``keyholder.toml``.
+
+    Raises:
+        ConfigError: missing file, bad TOML, unknown or missing keys.
+    """
+    p = Path(path)
+    try:
+        doc = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
+    if "aggregator" in doc:
+        raise ConfigError(
+            f"{p}: this looks like aggregator.toml; a key holder has its own keyholder.toml "
+            "(written by `edgefl keys ceremony` in each keyholder-i folder)"
+        )
+    unknown = set(doc) - {"keyholder", "transport"}
+    if unknown:
+        raise ConfigError(f"{p}: unknown tables {sorted(unknown)}")
+    table = doc.get("keyholder")
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{p}: needs a [keyholder] table")
+    extra = set(table) - _KEYS
+    if extra:
+        raise ConfigError(f"{p}: unknown [keyholder] settings: {', '.join(sorted(extra))}")
+    for key in ("id", "federation", "min_clients"):
+        if key not in table:
+            raise ConfigError(f"{p}: [keyholder] needs {key}")
+    return KeyholderConfig(p.resolve().parent, dict(table), dict(doc.get("transport", {})))
+
+
+def load_member_dir(
+    folder: Path,
+    *,
+    manifest: Any,
+    registry: Any,
+    min_clients: int,
+    passphrase: str | bytes | None,
+    allow_unencrypted: bool = False,
+    holder_id: str | None = None,
+    share_file: str = "share.json",
+    identity_file: str = "identity.key",
+    binding_check: Any = None,
+) -> Any:
+    """Build a member from a ceremony folder (share and identity)."""
+    from aggregator.keyholder import KeyHolder
+    from aggregator.threshold import load_share
+    from edge_sdk.identity import DeviceIdentity
+
+    share = load_share(
+        folder / share_file,
+        passphrase=passphrase,
+        allow_unencrypted=allow_unencrypted,
+        expected_committee_fingerprint=manifest.public.fingerprint,
+    )
+    identity = DeviceIdentity.load(folder / identity_file)
+    member_id = holder_id or identity.device_id
+    try:
+        return KeyHolder(
+            share,
+            manifest,
+            registry,
+            holder_id=member_id,
+            identity=identity,
+            min_clients=min_clients,
+            binding_check=binding_check,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"{folder}: {exc}") from None
+
+
+def build_member(cfg: KeyholderConfig) -> Any:
+    """The committee member of a ``keyholder.toml`` (loads its share)."""
+    from aggregator.committee import CommitteeManifest
+    from edge_sdk.crypto import read_passphrase
+    from edge_sdk.identity import DeviceRegistry
+
+    kh = cfg.keyholder
+    manifest = CommitteeManifest.load(cfg.path(str(kh.get("manifest", "../committee.json"))))
+    if manifest.federation != str(kh["federation"]):
+        raise ConfigError(
+            f"manifest is for federation {manifest.federation!r}, the config for "
+            f"{kh['federation']!r}"
+        )
+    passfile = kh.get("passphrase_file") or None
+    passphrase = read_passphrase(cfg.path(passfile) if passfile else None)
+    registry = DeviceRegistry.load(cfg.path(str(kh.get("registry", "registry.json"))))
+    return load_member_dir(
+        cfg.base,
+        manifest=manifest,
+        registry=registry,
+        min_clients=int(kh["min_clients"]),
+        passphrase=passphrase,
+        allow_unencrypted=bool(kh.get("allow_unencrypted_key", False)),
+        holder_id=cfg.holder_id,
+        share_file=str(kh.get("share", "share.json")),
+        identity_file=str(kh.get("identity", "identity.key")),
+    )
+
+
+def run_ceremony(
+    out: Path,
+    *,
+    federation: str,
+    holders: int,
+    threshold: int,
+    bits: int = 2048,
+    passphrase: bytes | None,
+    insecure_unencrypted: bool = False,
+    min_clients: int = 10,
+    registry: str = "../../registry.json",
+    broker_url: str = "mqtt://127.0.0.1:1883",
+    protocol: int = 5,
+    holder_prefix: str = "keyholder-",
+    allow_insecure_size: bool = False,
+    primes: tuple[int, int] | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Generate the federation key as ``N`` shares and write the ceremony folder.
+
+    Args:
+        out: the ceremony folder.
+        federation: the federation.
+        holders: ``N``.
+        threshold: ``T``.
+        bits: modulus size.
+        passphrase: seals the shares (None only with ``insecure_unencrypted``).
+        insecure_unencrypted: shares in clear (development).
+        min_clients: each member's own quorum (written into its config).
+        registry: registry path for the members' configs.
+        broker_url: broker URL for the members' configs.
+        protocol: MQTT protocol for the members' configs.
+        holder_prefix: member ids are ``{prefix}{i}``.
+        allow_insecure_size: allow moduli below 2048 bits (tests).
+        primes: known safe primes (tests; skips prime generation).
+        overwrite: replace an existing ceremony.
+
+    Returns:
+        A summary: fingerprints, paths, timings (no secret).
+
+    Raises:
+        ConfigError: ``out`` already holds a ceremony (and not ``overwrite``).
+        ValueError: invalid ``holders`` / ``threshold`` / ``bits``.
+    """
+    import time
+
+    from aggregator.committee import CommitteeManifest, HolderInfo
+    from aggregator.threshold import ceremony, save_share
+    from edge_sdk.crypto import save_public_key
+    from edge_sdk.identity import DeviceIdentity
+
+    if (out / "committee.json").exists() and not overwrite:
+        raise ConfigError(f"{out} already holds a ceremony (committee.json); refusing to overwrite")
+    started = time.perf_counter()
+    result = ceremony(
+        bits,
+        holders=holders,
+        threshold=threshold,
+        primes=primes,
+        allow_insecure_size=allow_insecure_size,
+    )
+    ceremony_s = time.perf_counter() - started
+    out.mkdir(parents=True, exist_ok=True)
+    identities = [DeviceIdentity.generate(f"{holder_prefix}{i}") for i in range(1, holders + 1)]
+    manifest = CommitteeManifest(
+        federation=federation,
+        key_fingerprint=result.public_key.fingerprint,
+        public=result.committee,
+        holders=tuple(
+            HolderInfo(holder_id=ident.device_id, index=i, public_key=ident.public_key_bytes)
+            for i, ident in enumerate(identities, start=1)
+        ),
+    )
+    save_public_key(result.public_key, out / "paillier_public.json", overwrite=overwrite)
+    manifest.save(out / "committee.json")
+    folders = []
+    for share, ident in zip(result.shares, identities, strict=True):
+        folder = out / ident.device_id
+        folder.mkdir(mode=0o700, exist_ok=True)
+        save_share(
+            share,
+            folder / "share.json",
+            passphrase=passphrase,
+            insecure_unencrypted=insecure_unencrypted,
+            overwrite=overwrite,
+        )
+        ident.save(folder / "identity.key")
+        toml = KEYHOLDER_TEMPLATE.format(
+            holder_id=ident.device_id,
+            federation=federation,
+            registry=registry,
+            min_clients=min_clients,
+            broker_url=broker_url,
+            protocol=protocol,
+        )
+        if insecure_unencrypted:
+            toml = toml.replace(
+                'passphrase_file = ""                 # else $EDGEFL_KEY_PASSPHRASE',
+                'passphrase_file = ""\nallow_unencrypted_key = true  # INSECURE: share in clear',
+            )
+        (folder / "keyholder.toml").write_text(toml, encoding="utf-8")
+        folders.append(str(folder))
+    del result
+    return {
+        "federation": federation,
+        "holders": holders,
+        "threshold": threshold,
+        "bits": bits,
+        "key_fingerprint": manifest.key_fingerprint,
+        "committee_fingerprint": manifest.fingerprint,
+        "public_key": str(out / "paillier_public.json"),
+        "manifest": str(out / "committee.json"),
+        "members": folders,
+        "ceremony_s": round(ceremony_s, 3),
+    }

@@ -1,0 +1,159 @@
+"""Run a key-holder committee as real processes (``edgefl keyholder serve``), one per member.
+
+Used by the fleet, the demo and the tests: each member is its own Python
+process with its own MQTT connection, state file and share, exactly as an
+operator runs it from the folder ``edgefl keys ceremony`` wrote. A member can
+be stopped, killed with SIGKILL and restarted on its own, to show that a
+round closes with any ``T`` of ``N`` and that a restarted member loses
+nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from edge_sdk.errors import EdgeFLError
+
+__all__ = ["CommitteeProcesses", "MemberProcess"]
+
+
+class MemberProcess:
+    """One ``edgefl keyholder serve`` process.
+
+    Args:
+        config: the member's ``keyholder.toml``.
+        env: extra environment (e.g. ``EDGEFL_KEY_PASSPHRASE``).
+    """
+
+    def __init__(self, config: Path, *, env: dict[str, str] | None = None) -> None:
+        """Describe the process (:meth:`start` runs it)."""
+        self.config = Path(config)
+        self.env = dict(env or {})
+        self.proc: subprocess.Popen[str] | None = None
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        self._reader: threading.Thread | None = None
+
+    @property
+    def name(self) -> str:
+        """The member's folder name (its id as the ceremony wrote it)."""
+        return self.config.parent.name
+
+    def start(self, *, timeout_s: float = 60.0) -> None:
+        """Start the member and wait until it is subscribed and serving.
+
+        Raises:
+            EdgeFLError: it exited or did not come up in time (its output is in the message).
+        """
+        env = {**os.environ, **self.env}
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        self._ready.clear()
+        self.lines = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "aggregator", "keyholder", "serve", "--config", str(self.config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        self._reader = threading.Thread(target=self._read, name=f"{self.name}-out", daemon=True)
+        self._reader.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._ready.wait(0.05):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                out = "".join(self.lines[-20:])
+                self.kill()
+                raise EdgeFLError(f"key holder {self.name} did not start:\n{out}")
+
+    def _read(self) -> None:
+        proc = self.proc
+        assert proc is not None and proc.stdout is not None
+        for line in proc.stdout:
+            self.lines.append(line)
+            if len(self.lines) > 2000:
+                del self.lines[:1000]
+            if " serving federation " in line:
+                self._ready.set()
+
+    @property
+    def running(self) -> bool:
+        """Whether the process is alive."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout_s``."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL (a power loss of the member's machine)."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+class CommitteeProcesses:
+    """The ``N`` members of a ceremony folder, as processes.
+
+    Args:
+        members: each member's ``keyholder.toml``.
+        env: extra environment for every member.
+    """
+
+    def __init__(self, members: Sequence[Path], *, env: dict[str, str] | None = None) -> None:
+        """Describe the committee (:meth:`start` runs it)."""
+        self.members = [MemberProcess(Path(m), env=env) for m in members]
+
+    @classmethod
+    def from_ceremony(cls, folder: Path, *, env: dict[str, str] | None = None) -> CommitteeProcesses:
+        """Every ``keyholder-*/keyholder.toml`` under a ceremony folder."""
+        configs = sorted(Path(folder).glob("*/keyholder.toml"))
+        if not configs:
+            raise EdgeFLError(f"no keyholder.toml under {folder}")
+        return cls(configs, env=env)
+
+    def start(self, *, only: Sequence[int] | None = None, timeout_s: float = 60.0) -> None:
+        """Start every member (or those at the given 0-based positions), in parallel."""
+        chosen = [m for i, m in enumerate(self.members) if only is None or i in only]
+        errors: list[BaseException] = []
+
+        def run(member: MemberProcess) -> None:
+            try:
+                member.start(timeout_s=timeout_s)
+            except BaseException as exc:  # collected and re-raised below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(m,)) for m in chosen]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            self.stop()
+            raise errors[0]
+
+    def stop(self) -> None:
+        """Stop every member."""
+        for member in self.members:
+            member.stop()
+
+    def __enter__(self) -> CommitteeProcesses:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
