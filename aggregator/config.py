@@ -224,6 +224,7 @@ def build_dev_members(cfg: ServiceConfig, registry: Any, manifest: Any, min_clie
             min_clients=min_clients,
             passphrase=passphrase,
             allow_unencrypted=bool(cfg.committee.get("allow_unencrypted_key", False)),
+            verify_sums=False,  # same process as the aggregator: nothing to witness
         )
         for folder in members
     ]
@@ -301,6 +302,14 @@ def build_aggregator(cfg: ServiceConfig, *, transport: Any = None) -> Any:
         )
     members = []
     if cfg.committee.get("mode", "remote") == "inprocess-insecure-dev":
+        import logging
+
+        logging.getLogger("edgefl.aggregator").warning(
+            "[committee] mode = inprocess-insecure-dev: %d key shares live in the "
+            "aggregator's process; whoever runs it can decrypt every update. "
+            "Development only.",
+            len(cfg.committee.get("members") or []),
+        )
         members = build_dev_members(cfg, registry, manifest, min_clients)
     machine = RoundMachine(
         round_config,

@@ -96,6 +96,11 @@ class KeyHolder:
             not defended: development mode).
         witness_rounds: updates kept per device (one per round).
         max_update_bytes: largest update payload the witness reassembles.
+        verify_sums: rebuild every requested sum from witnessed updates (the
+            default, and the only setting of a real committee member). False
+            is for ``inprocess-insecure-dev`` only, where the members share
+            the aggregator's process and so cannot witness anything it does
+            not show them.
         clock: milliseconds since the epoch (injected for tests).
     """
 
@@ -111,6 +116,7 @@ class KeyHolder:
         binding_check: BindingCheck | None = None,
         witness_rounds: int = 2,
         max_update_bytes: int = 256 << 20,
+        verify_sums: bool = True,
         clock: Callable[[], int] | None = None,
     ) -> None:
         """Create the member (no I/O)."""
@@ -140,6 +146,7 @@ class KeyHolder:
         self.binding_check = binding_check
         self.witness_rounds = witness_rounds
         self.max_update_bytes = max_update_bytes
+        self.verify_sums = verify_sums
         self._clock = clock or (lambda: int(time.time() * 1000))
         self._fingerprint = bytes.fromhex(self.public_key.fingerprint)
         # round -> digest of the one request answered for it
@@ -259,6 +266,8 @@ class KeyHolder:
 
     def missing(self, request: KeyholderRequest) -> int:
         """How many of the request's contributors' updates were not witnessed yet."""
+        if not self.verify_sums:
+            return 0
         try:
             proofs = request.proofs()
         except DecodeError:
@@ -287,7 +296,7 @@ class KeyHolder:
                 raise Refusal("round_already_decrypted")
             spec, proofs = self._check(request)
             count = len(proofs)
-            if previous is None:
+            if previous is None and self.verify_sums:
                 self._verify_sum(request, proofs)
             try:
                 vector = CiphertextVector.from_bytes(

@@ -148,6 +148,7 @@ def load_member_dir(
     share_file: str = "share.json",
     identity_file: str = "identity.key",
     binding_check: Any = None,
+    verify_sums: bool = True,
 ) -> Any:
     """Build a member from a ceremony folder (share and identity)."""
     from aggregator.keyholder import KeyHolder
@@ -171,6 +172,7 @@ def load_member_dir(
             identity=identity,
             min_clients=min_clients,
             binding_check=binding_check,
+            verify_sums=verify_sums,
         )
     except ValueError as exc:
         raise ConfigError(f"{folder}: {exc}") from None

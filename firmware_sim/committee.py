@@ -18,10 +18,16 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, ClassVar
 
+from aggregator.committee import CommitteeManifest, CommitteeVerifier, HolderInfo
+from aggregator.keyholder import KeyHolder
+from aggregator.threshold import Ceremony, ceremony
+from edge_sdk.crypto import PaillierPublicKey
 from edge_sdk.errors import EdgeFLError
+from edge_sdk.identity import DeviceIdentity, DeviceRegistry
 
-__all__ = ["CommitteeProcesses", "MemberProcess"]
+__all__ = ["CommitteeProcesses", "InMemoryCommittee", "MemberProcess"]
 
 
 class MemberProcess:
@@ -57,7 +63,15 @@ class MemberProcess:
         self._ready.clear()
         self.lines = []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "aggregator", "keyholder", "serve", "--config", str(self.config)],
+            [
+                sys.executable,
+                "-m",
+                "aggregator",
+                "keyholder",
+                "serve",
+                "--config",
+                str(self.config),
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -120,7 +134,9 @@ class CommitteeProcesses:
         self.members = [MemberProcess(Path(m), env=env) for m in members]
 
     @classmethod
-    def from_ceremony(cls, folder: Path, *, env: dict[str, str] | None = None) -> CommitteeProcesses:
+    def from_ceremony(
+        cls, folder: Path, *, env: dict[str, str] | None = None
+    ) -> CommitteeProcesses:
         """Every ``keyholder-*/keyholder.toml`` under a ceremony folder."""
         configs = sorted(Path(folder).glob("*/keyholder.toml"))
         if not configs:
@@ -157,3 +173,83 @@ class CommitteeProcesses:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class InMemoryCommittee:
+    """A T-of-N committee whose members run in this process (simulation and tests).
+
+    The ceremony is the real one (safe primes, real shares, real proofs); only
+    the transport is missing. Members built by :meth:`members` witness what
+    the caller feeds them, exactly like a member process does with what the
+    broker delivers.
+
+    Args:
+        federation: the federation.
+        bits: modulus size.
+        holders: ``N``.
+        threshold: ``T``.
+        primes: known safe primes (tests); generated otherwise.
+        allow_insecure_size: allow moduli below 2048 bits (tests).
+    """
+
+    _cache: ClassVar[dict[tuple[int, int, int, tuple[int, int] | None], Ceremony]] = {}
+
+    def __init__(
+        self,
+        federation: str,
+        *,
+        bits: int = 2048,
+        holders: int = 3,
+        threshold: int = 2,
+        primes: tuple[int, int] | None = None,
+        allow_insecure_size: bool = False,
+    ) -> None:
+        """Run (or reuse, within this process) the ceremony and name the members."""
+        key = (bits, holders, threshold, primes)
+        cached = self._cache.get(key)
+        if cached is None:
+            cached = ceremony(
+                bits,
+                holders=holders,
+                threshold=threshold,
+                primes=primes,
+                allow_insecure_size=allow_insecure_size,
+            )
+            self._cache[key] = cached
+        self.ceremony = cached
+        self.identities = [DeviceIdentity.generate(f"keyholder-{i}") for i in range(1, holders + 1)]
+        self.manifest = CommitteeManifest(
+            federation=federation,
+            key_fingerprint=cached.public_key.fingerprint,
+            public=cached.committee,
+            holders=tuple(
+                HolderInfo(holder_id=ident.device_id, index=i, public_key=ident.public_key_bytes)
+                for i, ident in enumerate(self.identities, start=1)
+            ),
+        )
+
+    @property
+    def public_key(self) -> PaillierPublicKey:
+        """The federation's Paillier public key."""
+        return self.ceremony.public_key
+
+    def verifier(self) -> CommitteeVerifier:
+        """The aggregator's verifier for this committee."""
+        return CommitteeVerifier(self.manifest)
+
+    def members(
+        self, registry: DeviceRegistry, *, min_clients: int, **kwargs: Any
+    ) -> list[KeyHolder]:
+        """Fresh members, one per share, each with ``registry`` as its own view."""
+        return [
+            KeyHolder(
+                share,
+                self.manifest,
+                registry,
+                holder_id=ident.device_id,
+                identity=ident,
+                min_clients=min_clients,
+                **kwargs,
+            )
+            for share, ident in zip(self.ceremony.shares, self.identities, strict=True)
+        ]

@@ -3,10 +3,12 @@
 Each device is a real :class:`~edge_sdk.agent.DeviceAgent` with its own
 identity, privacy ledger, outbox folder (its "flash"), data partition and
 MQTT connection. The aggregator is the real :class:`AggregatorService` with
-its SQLite store and an in-process key holder. Nothing is mocked: updates are
-trained, clipped, noised, packed, Paillier-encrypted, signed, chunked,
-published, verified, summed blind, decrypted by the key holder and applied by
-the server optimizer.
+its SQLite store; the key holders are a real T-of-N committee
+(``edgefl keys ceremony``), each member its own ``edgefl keyholder serve``
+process on the broker, verifying every sum on its own. Nothing is mocked:
+updates are trained, clipped, noised, packed, Paillier-encrypted, signed,
+chunked, published, verified, summed blind, decrypted by ``T`` members'
+shares and applied by the server optimizer.
 
 Device faults (:class:`DeviceProfile`): a CPU slowdown factor (a Pi is
 several times slower than this machine), availability (a device sits a round
@@ -34,7 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from aggregator.keyholder import KeyHolder, KeyholderVerifier
+from aggregator.committee import CommitteeManifest, CommitteeVerifier
+from aggregator.keyholder_config import run_ceremony
 from aggregator.optimizers import make_optimizer
 from aggregator.rounds import RoundConfig, RoundMachine
 from aggregator.service import AggregatorService
@@ -47,12 +50,13 @@ from edge_sdk.agent import (
     ModelTrainer,
     transport_config,
 )
-from edge_sdk.crypto import generate_keypair, save_public_key
+from edge_sdk.crypto import load_public_key
 from edge_sdk.errors import EdgeFLError
 from edge_sdk.identity import DeviceIdentity, DeviceRegistry
 from edge_sdk.privacy import epsilon_spent
 from edge_sdk.transport import MqttTransport, TransportConfig
 from firmware_sim.broker import BrokerKind, EmbeddedBroker, MosquittoBroker, start_broker
+from firmware_sim.committee import CommitteeProcesses
 from firmware_sim.datasets import load_dataset
 from firmware_sim.engine import SimConfig, build_model, fleet_plan
 from firmware_sim.faults import FaultProxy
@@ -117,6 +121,8 @@ class FleetConfig:
     server_opt: str = "fedavg"
     server_lr: float = 1.0
     key_bits: int = 2048
+    holders: int = 3
+    threshold: int = 2
     broker: str = "auto"
     profile: DeviceProfile = field(default_factory=DeviceProfile)
     seed: int = 0
@@ -126,6 +132,10 @@ class FleetConfig:
             raise ValueError(f"privacy must be dp or he, got {self.privacy!r}")
         if self.devices < 1 or self.rounds < 1:
             raise ValueError("devices and rounds must be >= 1")
+        if not 1 <= self.threshold <= self.holders:
+            raise ValueError(
+                f"need 1 <= threshold <= holders, got {self.threshold} of {self.holders}"
+            )
 
     @property
     def quorum(self) -> int:
@@ -196,9 +206,16 @@ class Fleet:
     """
 
     def __init__(
-        self, config: FleetConfig, workdir: str | Path, *, progress: ProgressFn | None = None
+        self,
+        config: FleetConfig,
+        workdir: str | Path,
+        *,
+        progress: ProgressFn | None = None,
+        primes: tuple[int, int] | None = None,
     ) -> None:
         self.config = config
+        self._primes = primes  # known safe primes (tests): skips prime generation
+        self.committee: CommitteeProcesses | None = None
         self.workdir = Path(workdir)
         self.progress = progress or (lambda kind, data: None)
         self._rng = random.Random(config.seed)
@@ -290,6 +307,8 @@ class Fleet:
             if service is not None:
                 result.rejections = dict(service.machine.rejections)
                 service.close()
+            if self.committee is not None:
+                self.committee.stop()
             if proxy is not None:
                 proxy.stop()
             if broker is not None:
@@ -300,10 +319,34 @@ class Fleet:
 
     def _setup(self, url: str, device_url: str, protocol: int) -> AggregatorService:
         cfg = self.config
-        self.progress("setup", {"step": f"generating a {cfg.key_bits}-bit Paillier key"})
-        pk, sk = generate_keypair(cfg.key_bits)
+        self.progress(
+            "setup",
+            {
+                "step": f"key ceremony: {cfg.key_bits}-bit key as {cfg.threshold}-of-"
+                f"{cfg.holders} shares"
+            },
+        )
+        keys = self.workdir / "keys"
+        quorum = min(cfg.quorum, cfg.devices)
+        summary = run_ceremony(
+            keys,
+            federation=cfg.federation,
+            holders=cfg.holders,
+            threshold=cfg.threshold,
+            bits=cfg.key_bits,
+            passphrase=None,
+            insecure_unencrypted=True,  # a simulation's shares live in a temp folder
+            min_clients=quorum,
+            registry="../../registry.json",
+            broker_url=url,
+            protocol=protocol,
+            allow_insecure_size=cfg.key_bits < 2048,
+            primes=self._primes,
+        )
+        self.ceremony_s = float(summary["ceremony_s"])
+        pk = load_public_key(keys / "paillier_public.json", min_bits=min(2048, cfg.key_bits))
+        manifest = CommitteeManifest.load(keys / "committee.json", min_bits=min(2048, cfg.key_bits))
         self._public_key = pk
-        save_public_key(pk, self.workdir / "paillier.pub")
         self._data = load_dataset(cfg.dataset, seed=cfg.seed)
         self._sim_config = SimConfig(
             dataset=cfg.dataset, model=cfg.model, hidden=cfg.hidden, seed=cfg.seed
@@ -330,7 +373,7 @@ class Fleet:
                     "reconnect_min_s": 0.2,
                     "reconnect_max_s": 2.0,
                 },
-                public_key=self.workdir / "paillier.pub",
+                public_key=keys / "paillier_public.json",
                 budget_epsilon=cfg.epsilon * 1.0001,
                 delta=cfg.delta,
                 resend_initial_s=5.0,
@@ -343,10 +386,12 @@ class Fleet:
                 "config": dcfg,
             }
         registry.save()
+        self.progress("setup", {"step": f"starting {cfg.holders} key holders (one process each)"})
+        self.committee = CommitteeProcesses.from_ceremony(keys)
+        self.committee.start()
         model = build_model(self._sim_config, self._data)
         weights = model.get_flat().astype(np.float32)
         self._eval_model = model
-        quorum = min(cfg.quorum, cfg.devices)
         plan = fleet_plan(
             pk,
             dimension=int(weights.size),
@@ -364,10 +409,6 @@ class Fleet:
             spec["config"] = dataclasses.replace(
                 spec["config"], aggregator_key=aggregator_identity.public_key_bytes
             )
-        identity = DeviceIdentity.generate("keyholder")
-        keyholder = KeyHolder(
-            sk, registry, federation=cfg.federation, min_clients=quorum, identity=identity
-        )
         round_config = RoundConfig(
             federation=cfg.federation,
             min_clients=quorum,
@@ -382,7 +423,7 @@ class Fleet:
             registry,
             make_optimizer({"name": cfg.server_opt, "lr": cfg.server_lr}),
             initial_weights=weights,
-            keyholder=KeyholderVerifier(identity.public_key_bytes),
+            committee=CommitteeVerifier(manifest),
             identity=aggregator_identity,
         )
         store = AggregatorStore(
@@ -402,7 +443,7 @@ class Fleet:
                 reconnect_max_s=2.0,
             )
         )
-        service = AggregatorService(machine, store, transport, keyholder=keyholder)
+        service = AggregatorService(machine, store, transport)
         self.progress("setup", {"step": f"starting {cfg.devices} devices"})
         self._schedule_availability()  # round 1's drop-outs never come online
         for device_id in self._device_specs:

@@ -37,9 +37,16 @@ each device adds ``1/devices`` of the noise variance. A deployment with
 drop-outs must set the quorum to the number of honest contributors it can
 count on (docs/privacy.md); the ``dp_default_quorum`` row shows the price.
 
-Crypto is off (exact integer sums in the clear): the aggregates are
-bit-identical to the encrypted ones (tested in the engine), so accuracy does
-not depend on it. One round with crypto on is timed separately.
+Every run goes through the product's round machine, key holder and device
+pipeline (:mod:`firmware_sim.engine`): the machine's quorum, deadline,
+``mean_delta`` and server optimizer decide every round, the devices draw
+their rounding and noise from the OS CSPRNG, and the epsilon reported is the
+largest any device's own privacy ledger charged. Crypto is the engine's fast
+path (``crypto=False``: unblinded ciphertexts ``1 + n*m mod n^2``, summed
+and decrypted for real but not hiding); its aggregates are bit-identical to
+fully encrypted ones for the same randomness (tested in the engine), so
+accuracy does not depend on it. One round with crypto on is timed
+separately.
 """
 
 from __future__ import annotations
@@ -53,10 +60,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from edge_sdk.crypto import PaillierPrivateKey, PaillierPublicKey, generate_keypair
 from edge_sdk.errors import EdgeFLError
+from firmware_sim.committee import InMemoryCommittee
 from firmware_sim.datasets import Dataset, load_dataset
-from firmware_sim.engine import SimConfig, SimResult, central_baseline, run
+from firmware_sim.engine import FEDERATION, SimConfig, SimResult, central_baseline, run
 
 __all__ = [
     "FleetPlan",
@@ -70,7 +77,7 @@ __all__ = [
 ]
 
 Server = tuple[str, float]
-Keys = tuple[PaillierPublicKey, PaillierPrivateKey]
+Keys = InMemoryCommittee
 Progress = Callable[[str], None]
 
 # Failures a diverging candidate can raise (NaN deltas are refused by the
@@ -167,6 +174,8 @@ class Row:
         candidates: configurations tried (per seed).
         seconds: wall time of tuning plus testing this row.
         round_seconds: mean wall time of one simulated round in the test runs.
+        failed_rounds: rounds the round machine failed in the test runs
+            (quorum, key holder refusal); 0 with full participation.
     """
 
     dataset: str
@@ -185,6 +194,7 @@ class Row:
     failed_candidates: int = 0
     seconds: float = 0.0
     round_seconds: float | None = None
+    failed_rounds: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict (accuracies rounded to 4 decimals)."""
@@ -488,11 +498,13 @@ class _Study:
         tests: list[float] = []
         spent: list[float] = []
         round_times: list[float] = []
+        failed_rounds = 0
         for seed in fleet.test_seeds:
             res = self.simulate(replace(best.config, seed=seed, eval_split="test"))
             tests.append(res.final_accuracy)
             spent.append(res.rounds[-1].epsilon)
             round_times.extend(r.seconds for r in res.rounds)
+            failed_rounds += res.failed_rounds
         cfg = best.config
         params: dict[str, Any] = {
             "rounds": cfg.rounds,
@@ -506,10 +518,13 @@ class _Study:
             params["clip"] = cfg.clip
             params["value_bits"] = cfg.value_bits
         if setting.startswith("dp"):
-            params["min_clients"] = cfg.min_clients or max(1, cfg.expected_clients // 2)
+            params["min_clients"] = cfg.quorum
         eps = max(spent) if setting.startswith("dp") else None
-        row = self._row(
-            fleet, setting, best, tests, params, candidates, failed, t0, eps, round_times
+        row = replace(
+            self._row(
+                fleet, setting, best, tests, params, candidates, failed, t0, eps, round_times
+            ),
+            failed_rounds=failed_rounds,
         )
         self.say(
             f"{fleet.dataset}/{fleet.devices} {setting}"
@@ -629,7 +644,7 @@ def run_study(
 
     Args:
         plan: fleets, grids and privacy targets.
-        keys: a Paillier key pair to reuse (else one is generated; with
+        keys: a key-holder committee to reuse (else a 2-of-3 ceremony; with
             crypto off only its size matters, through the packing).
         progress: called with one line per finished row.
 
@@ -639,7 +654,7 @@ def run_study(
         total seconds.
     """
     started = time.perf_counter()
-    study = _Study(plan, keys or generate_keypair(plan.key_bits), progress)
+    study = _Study(plan, keys or InMemoryCommittee(FEDERATION, bits=plan.key_bits), progress)
     rows: list[Row] = []
     dp_configs: dict[tuple[str, int, float], SimConfig] = {}
     for fleet in plan.fleets:
@@ -671,6 +686,12 @@ def run_study(
         "targets": target_checks(rows),
         "round_timing": timing,
         "plan": _plan_json(plan),
+        "engine": {
+            "round_logic": "aggregator.rounds.RoundMachine + aggregator.keyholder.KeyHolder",
+            "randomness": "os-csprng",
+            "crypto": "unblinded (crypto=False fast path); the crypto round: paillier",
+            "epsilon": "largest charge of any device's privacy ledger",
+        },
         "study_seconds": round(time.perf_counter() - started, 1),
     }
 

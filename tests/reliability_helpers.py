@@ -32,13 +32,9 @@ import numpy as np
 import numpy.typing as npt
 
 from aggregator.config import ServiceConfig, build_aggregator, load_config
+from aggregator.keyholder_config import run_ceremony
 from aggregator.service import AggregatorService
-from edge_sdk.crypto import (
-    PaillierPrivateKey,
-    PaillierPublicKey,
-    save_private_key,
-    save_public_key,
-)
+from edge_sdk.crypto import PaillierPrivateKey, PaillierPublicKey, load_public_key
 from edge_sdk.identity import DeviceIdentity, DeviceRegistry
 from edge_sdk.protocol import (
     Chunk,
@@ -50,7 +46,7 @@ from edge_sdk.protocol import (
     Topics,
 )
 from edge_sdk.transport import InboundMessage, MqttTransport, TransportConfig
-from tests.test_aggregator_support import make_update, update_messages
+from tests.test_aggregator_support import SAFE_PRIMES, make_update, update_messages
 
 REPO = Path(__file__).resolve().parent.parent
 FED = "relfed"
@@ -106,13 +102,21 @@ def write_federation(
     client_id: str = "agg-rel",
     transport: dict[str, Any] | None = None,
 ) -> Federation:
-    """Write keys, registry and ``aggregator.toml`` (in-process key holder)."""
-    pk, sk = keys
+    """Write a 2-of-3 ceremony, registry and ``aggregator.toml`` (in-process dev committee)."""
+    pk, _ = keys
     folder.mkdir(parents=True, exist_ok=True)
-    save_public_key(pk, folder / "paillier.pub.json", overwrite=True)
-    save_private_key(
-        sk, folder / "paillier.key.json", passphrase=None, insecure_unencrypted=True, overwrite=True
+    run_ceremony(
+        folder / "keys",
+        federation=FED,
+        holders=3,
+        threshold=2,
+        passphrase=None,
+        insecure_unencrypted=True,
+        min_clients=min_clients,
+        primes=SAFE_PRIMES,
+        overwrite=True,
     )
+    assert load_public_key(folder / "keys" / "paillier_public.json") == pk
     if isinstance(devices, int):
         identities = [DeviceIdentity.generate(f"d{i:04d}") for i in range(devices)]
     else:
@@ -131,7 +135,7 @@ def write_federation(
 [aggregator]
 federation = "{FED}"
 store = "agg.db"
-public_key = "paillier.pub.json"
+public_key = "keys/paillier_public.json"
 registry = "registry.json"
 dimension = {dim}
 min_clients = {min_clients}
@@ -142,12 +146,11 @@ rounds = {rounds}
 clip = 1.0
 tick_s = 0.1
 
-[keyholder]
-mode = "inprocess"
-secret_key = "paillier.key.json"
+[committee]
+manifest = "keys/committee.json"
+mode = "inprocess-insecure-dev"
+members = ["keys/keyholder-1", "keys/keyholder-2"]
 allow_unencrypted_key = true
-identity = "keyholder.key"
-min_clients = {min_clients}
 
 [transport]
 {extra}""",
@@ -181,7 +184,7 @@ class ServiceThread:
     def __init__(self, config: Path, **transport: Any) -> None:
         cfg = load_config(config)
         self._cfg = ServiceConfig(
-            cfg.base, cfg.aggregator, cfg.keyholder, {**cfg.transport, **transport}
+            cfg.base, cfg.aggregator, cfg.committee, {**cfg.transport, **transport}
         )
         self.service: AggregatorService | None = None
         self._stop = threading.Event()

@@ -14,12 +14,12 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from aggregator.rounds import round_outcome
 from aggregator.store import AggregatorStore
 from edge_sdk.crypto import PaillierPrivateKey, PaillierPublicKey, save_private_key, save_public_key
 from edge_sdk.identity import DeviceIdentity, DeviceRegistry
 from edge_sdk.protocol import (
     EncryptedUpdate,
-    KeyholderResult,
     Receipt,
     RoundAnnouncement,
     Topics,
@@ -221,10 +221,11 @@ def test_kill9_at_each_transition_gives_bit_exact_result(
             assert {dig for _, dig, _ in rows} == {
                 u.update_digest for u in fleet.updates[r].values()
             }
-            result = KeyholderResult.from_bytes(rec.result)
+            results, released = round_outcome(rec.result)
+            result = results[0]
             assert result.count == N_DEVICES
             expected = np.sum(list(fleet.values[r].values()), axis=0)
-            np.testing.assert_array_equal(np.frombuffer(result.aggregate, "<i8"), expected)
+            np.testing.assert_array_equal(released, expected)
         latest = store.latest_model()
         assert latest is not None and latest[0].version == ROUNDS
         ann = RoundAnnouncement.from_bytes(store.round_record(1).announcement)  # type: ignore[union-attr]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from aggregator.keyholder_service import KeyholderService
+from aggregator.rounds import round_outcome
 from aggregator.service import AggregatorService
 from aggregator.store import AggregatorStore
 from edge_sdk.cli import main as cli_main
@@ -19,7 +20,6 @@ from edge_sdk.protocol import (
     Chunk,
     EncryptedUpdate,
     GlobalModel,
-    KeyholderResult,
     Reassembler,
     Receipt,
     RoundAnnouncement,
@@ -31,7 +31,7 @@ from tests.test_aggregator_support import (
     FED,
     Fleet,
     deltas,
-    make_keyholder,
+    make_keyholders,
     make_machine,
     make_update,
     update_messages,
@@ -70,13 +70,14 @@ def _service(
     remote: bool = False,
     **kw: Any,
 ) -> AggregatorService:
-    pk, sk = keys
-    kh = make_keyholder(sk, fleet)
+    pk, _ = keys
+    committee = _support._default_committee()
+    members = make_keyholders(committee, fleet)
     machine = make_machine(
         pk,
         fleet,
         dim=DIM,
-        keyholder_key=kh.identity.public_key_bytes,
+        committee=committee,
         max_message_size=16 * 1024,
         **kw,
     )
@@ -93,10 +94,10 @@ def _service(
         machine,
         store,
         transport,
-        keyholder=None if remote else kh,
+        keyholders=() if remote else members,
         clock_ms=lambda: next(clock),
     )
-    service._test_kh = kh  # type: ignore[attr-defined]
+    service._test_members = members  # type: ignore[attr-defined]
     return service
 
 
@@ -172,9 +173,11 @@ def test_remote_keyholder_over_topics(keypair, fleet, tmp_path) -> None:
     pk, _ = keypair
     broker = MemoryBroker()
     svc = _service(keypair, fleet, broker, tmp_path, target=3, remote=True)
-    kh_transport = broker.transport("keyholder", max_message_size=16 * 1024)
-    khs = KeyholderService(svc._test_kh, kh_transport, state_path=tmp_path / "kh.json")  # type: ignore[attr-defined]
-    khs.start()
+    members = svc._test_members  # type: ignore[attr-defined]
+    for member in members:
+        transport = broker.transport(member.holder_id, max_message_size=16 * 1024)
+        state = tmp_path / f"{member.holder_id}.json"
+        KeyholderService(member, transport, state_path=state).start()
     svc.start()
     ann = svc.machine.announcement
     assert ann is not None
@@ -186,11 +189,15 @@ def test_remote_keyholder_over_topics(keypair, fleet, tmp_path) -> None:
     for _ in range(3):
         svc.pump()
     assert svc.machine.model is not None and svc.machine.model.version == 1
-    assert json.loads((tmp_path / "kh.json").read_text()) == {
-        "1": svc._test_kh.answered_rounds()[1].hex()  # type: ignore[attr-defined]
-    }
+    for member in members:
+        assert json.loads((tmp_path / f"{member.holder_id}.json").read_text()) == {
+            "1": member.answered_rounds()[1].hex()
+        }
     rec = svc.store.round_record(1)
-    assert rec is not None and KeyholderResult.from_bytes(rec.result).status == "ok"
+    assert rec is not None and rec.outcome == "ok"
+    results, released = round_outcome(rec.result)
+    assert len(results) == 2 and all(r.status == "ok" for r in results)
+    assert released is not None and released.shape == (DIM,)
     svc.close()
 
 

@@ -1,4 +1,4 @@
-"""The remote key holder's witness: it decrypts only sums it can rebuild itself.
+"""A committee member's witness (over a transport): it answers only sums it can rebuild.
 
 A dishonest aggregator lists min_clients genuine, signed proofs but submits
 ONE device's ciphertext as the "sum": without the witness the key holder
@@ -31,7 +31,7 @@ from tests.test_aggregator_support import (
     FED,
     Fleet,
     deltas,
-    make_keyholder,
+    make_keyholders,
     make_plan,
     make_update,
     update_messages,
@@ -52,12 +52,15 @@ class Clock:
 
 
 def _setup(keys: tuple[PaillierPublicKey, PaillierPrivateKey], tmp_path: Path):  # type: ignore[no-untyped-def]
-    pk, sk = keys
+    pk, _ = keys
     fleet = Fleet.create(4, tmp_path / "registry.json")
     broker = MemoryBroker()
     clock = Clock()
     service = KeyholderService(
-        make_keyholder(sk, fleet), broker.transport("keyholder"), witness_grace_s=30.0, clock=clock
+        make_keyholders(_support._default_committee(), fleet)[0],
+        broker.transport("keyholder-1"),
+        witness_grace_s=30.0,
+        clock=clock,
     )
     service.start()
     aggregator = broker.transport("aggregator")
@@ -70,7 +73,7 @@ def _setup(keys: tuple[PaillierPublicKey, PaillierPrivateKey], tmp_path: Path): 
         if whole is not None:
             results.append(KeyholderResult.from_bytes(whole))
 
-    aggregator.subscribe(T.keyholder_result, on_result)
+    aggregator.subscribe(T.keyholder_result_filter, on_result)
     plan = make_plan(pk, dim=DIM, min_clients=3)
     weights = np.zeros(DIM, dtype="<f4").tobytes()
     model = GlobalModel(
@@ -148,7 +151,7 @@ def test_one_devices_ciphertext_passed_off_as_the_sum_is_refused(keypair, tmp_pa
     _publish_updates(broker, updates)
     _ask(aggregator, _request(ann, updates, updates[0].ciphertexts))  # the attack
     assert [(r.status, r.reason) for r in results] == [("refused", "verify_sum_mismatch")]
-    assert results[0].aggregate == b""
+    assert results[0].share == b""
     assert svc.keyholder.answered_rounds() == {}  # nothing was decrypted
 
 

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from aggregator.rounds import round_outcome
 from aggregator.store import AggregatorStore
-from edge_sdk.protocol import KeyholderResult
 from edge_sdk.transport import MqttTransport
 from firmware_sim.broker import MosquittoBroker
 from tests import test_aggregator_support as _support
@@ -46,11 +46,10 @@ def _check_round(store_path: Path, fleet: DeviceFleet, round_id: int) -> None:
         rows = store.accepted(round_id)
         assert sorted(d for d, _, _ in rows) == sorted(fleet.expected(round_id))
         assert {dig for _, dig, _ in rows} == fleet.digests(round_id)
-        result = KeyholderResult.from_bytes(rec.result)
+        results, released = round_outcome(rec.result)
+        result = results[0]
         assert result.count == len(fleet.expected(round_id))
-        np.testing.assert_array_equal(
-            np.frombuffer(result.aggregate, "<i8"), fleet.reference_sum(round_id)
-        )
+        np.testing.assert_array_equal(released, fleet.reference_sum(round_id))
     finally:
         store.close()
 

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from aggregator.rounds import round_outcome
 from aggregator.store import AggregatorStore
-from edge_sdk.protocol import KeyholderResult
 from firmware_sim.broker import MosquittoBroker
 from tests import test_aggregator_support as _support
 from tests.reliability_helpers import (
@@ -92,12 +92,13 @@ def test_crash_at_transition_never_reuses_a_round_or_republishes_a_different_mod
         done = [r for r in records if r.phase == "done"]
         assert len(done) == 2
         for rec in done:
-            result = KeyholderResult.from_bytes(rec.result)
+            results, released = round_outcome(rec.result)
+            result = results[0]
             rows = store.accepted(rec.round_id)
             assert {dig for _, dig, _ in rows} <= fleet.digests(rec.round_id)
             expected = np.sum([fleet.rounds[rec.round_id].values[d] for d, _, _ in rows], axis=0)
             assert result.count == len(rows) >= 3
-            np.testing.assert_array_equal(np.frombuffer(result.aggregate, "<i8"), expected)
+            np.testing.assert_array_equal(released, expected)
         # the stored chain is the published one
         stored = {v: dig for v, _, dig in store.models()}
         assert {v: {dig} for v, dig in stored.items()} == models

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from aggregator.rounds import round_outcome
 from aggregator.store import AggregatorStore
-from edge_sdk.protocol import KeyholderResult
 from firmware_sim.broker import MosquittoBroker, MosquittoOptions
 from tests import test_aggregator_support as _support
 from tests.reliability_helpers import DeviceFleet, ServiceThread, wait_for, write_federation
@@ -77,10 +77,9 @@ def test_one_thousand_devices_one_round_nothing_lost(keypair: Any, tmp_path: Pat
         assert {dig for _, dig, _ in rows} == fleet.digests(1)
         rec = store.round_record(1)
         assert rec is not None and rec.phase == "done"
-        result = KeyholderResult.from_bytes(rec.result)
+        results, released = round_outcome(rec.result)
+        result = results[0]
         assert result.count == N
-        np.testing.assert_array_equal(
-            np.frombuffer(result.aggregate, "<i8"), fleet.reference_sum(1)
-        )
+        np.testing.assert_array_equal(released, fleet.reference_sum(1))
     finally:
         store.close()

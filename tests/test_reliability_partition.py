@@ -23,12 +23,13 @@ from typing import Any
 import numpy as np
 import pytest
 
+from aggregator.rounds import round_outcome
 from aggregator.store import AggregatorStore
 from edge_sdk.agent import AgentHooks, DeviceAgent, DeviceConfig, ModelTrainer, transport_config
 from edge_sdk.crypto import save_public_key
 from edge_sdk.identity import DeviceIdentity
 from edge_sdk.models import SoftmaxRegression
-from edge_sdk.protocol import EncryptedUpdate, KeyholderResult
+from edge_sdk.protocol import EncryptedUpdate
 from edge_sdk.transport import ConnectionEvent, MqttTransport
 from firmware_sim.broker import MosquittoBroker, MosquittoOptions
 from firmware_sim.faults import FaultProxy
@@ -212,10 +213,9 @@ def test_aggregator_partition_beyond_broker_queue_loses_nothing(
         assert {dig for _, dig, _ in rows} == fleet.digests(1)
         rec = store.round_record(1)
         assert rec is not None
-        result = KeyholderResult.from_bytes(rec.result)
+        results, released = round_outcome(rec.result)
+        result = results[0]
         assert result.count == n
-        np.testing.assert_array_equal(
-            np.frombuffer(result.aggregate, "<i8"), fleet.reference_sum(1)
-        )
+        np.testing.assert_array_equal(released, fleet.reference_sum(1))
     finally:
         store.close()

@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from aggregator.rounds import round_outcome
 from aggregator.store import AggregatorStore
-from edge_sdk.protocol import Chunk, KeyholderResult, Topics
+from edge_sdk.protocol import Chunk, Topics
 from edge_sdk.transport import MessageTooLargeError
 from firmware_sim.broker import MosquittoBroker, MosquittoOptions
 from tests import test_aggregator_support as _support
@@ -139,7 +140,7 @@ def test_malformed_and_oversize_input_is_dropped_once_and_honest_devices_unaffec
         assert rec is not None and rec.phase == "done"
         assert sorted(d for d, _, _ in store.accepted(1)) == sorted(fed.ids)
         np.testing.assert_array_equal(
-            np.frombuffer(KeyholderResult.from_bytes(rec.result).aggregate, "<i8"),
+            round_outcome(rec.result)[1],
             fleet.reference_sum(1),
         )
         assert sum(store.rejection_counts().values()) == n_bad + 1

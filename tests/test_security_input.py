@@ -11,6 +11,7 @@ the count and the store are unchanged after each forgery.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +27,19 @@ from aggregator.rounds import (
     Rejected,
     RequestDecryption,
     Start,
+    round_outcome,
 )
 from edge_sdk.crypto import CiphertextVector
 from edge_sdk.crypto._raw import compute_obfuscator, pack_unsigned, random_unit, raw_encrypt
-from edge_sdk.protocol import Chunk, EncryptedUpdate, KeyholderResult
+from edge_sdk.identity import DeviceIdentity
+from edge_sdk.protocol import Chunk, EncryptedUpdate
 from edge_sdk.protocol.messages import digest
 from tests import test_aggregator_support as _support
 from tests.test_aggregator_rounds import Driver, _driver
 from tests.test_aggregator_support import (
     Fleet,
     deltas,
-    make_keyholder,
+    make_keyholders,
     make_machine,
     make_update,
     update_messages,
@@ -208,7 +211,7 @@ def test_overflow_poisoned_round_is_discarded_and_the_honest_rerun_passes(
     assert _published_versions(d) == {0}  # only the initial model, nothing poisoned
     rec1 = d.store.round_record(1)
     assert rec1 is not None and rec1.phase == "failed" and rec1.outcome == "overflow"
-    assert KeyholderResult.from_bytes(rec1.result).aggregate == b""  # nothing released
+    assert round_outcome(rec1.result)[1] is None  # nothing released
     assert d.machine.model is not None and d.machine.model.version == 0
     # round 2: honest devices only
     ann2 = d.announcement()
@@ -220,8 +223,7 @@ def test_overflow_poisoned_round_is_discarded_and_the_honest_rerun_passes(
         d.send(upd)
     rec2 = d.store.round_record(2)
     assert rec2 is not None and rec2.phase == "done"
-    result = KeyholderResult.from_bytes(rec2.result)
-    np.testing.assert_array_equal(np.frombuffer(result.aggregate, "<i8"), np.sum(values, axis=0))
+    np.testing.assert_array_equal(round_outcome(rec2.result)[1], np.sum(values, axis=0))
     model = d.machine.model
     assert model is not None and model.version == 1 and model.round_id == 2
     expected = (np.sum(values, axis=0) / d.machine.plan.packing.scale / 3).astype(np.float32)
@@ -232,9 +234,10 @@ def test_overflow_poisoned_round_is_discarded_and_the_honest_rerun_passes(
 def test_forged_keyholder_result_is_refused_and_the_genuine_one_applies(
     keypair, fleet, tmp_path
 ) -> None:
-    pk, sk = keypair
-    kh = make_keyholder(sk, fleet)
-    machine = make_machine(pk, fleet, dim=DIM, target=3, keyholder_key=kh.identity.public_key_bytes)
+    pk, _ = keypair
+    committee = _support._default_committee()
+    members = make_keyholders(committee, fleet)
+    machine = make_machine(pk, fleet, dim=DIM, target=3, committee=committee)
     machine.handle(Start(now_ms=1_000))
     ann = machine.announcement
     assert ann is not None
@@ -242,16 +245,22 @@ def test_forged_keyholder_result_is_refused_and_the_genuine_one_applies(
     for i, dev in enumerate(fleet.ids()[:3]):
         upd, _ = make_update(ann, pk, fleet.identities[dev], deltas(3, DIM)[i])
         for topic, payload in update_messages(upd):
+            for member in members:
+                member.witness(topic, payload)
             actions = machine.handle(MessageReceived(topic=topic, payload=payload, now_ms=2_000))
             requests += [a.request for a in actions if isinstance(a, RequestDecryption)]
     (request,) = requests
-    genuine = kh.handle(request)
-    forged = make_keyholder(sk, fleet).handle(request)  # same key, another signing identity
-    assert forged.aggregate == genuine.aggregate and forged.signature != genuine.signature
+    genuine = members[0].handle(request)
+    # the same share re-signed by a key that is not the member's own
+    impostor = DeviceIdentity.generate("keyholder-1")
+    forged = dataclasses.replace(genuine, signature=impostor.sign(genuine.signed_bytes()))
+    assert forged.share == genuine.share and forged.signature != genuine.signature
     actions = machine.handle(KeyholderAnswered(result=forged, now_ms=3_000))
     assert _reasons(actions) == ["keyholder_signature"]
     assert any(isinstance(a, Alert) and a.kind == "keyholder_signature" for a in actions)
     assert machine.phase == "decrypting" and machine.model is not None
     assert machine.model.version == 0
     machine.handle(KeyholderAnswered(result=genuine, now_ms=3_000))
+    assert machine.model.version == 0  # one share of two
+    machine.handle(KeyholderAnswered(result=members[2].handle(request), now_ms=3_000))
     assert machine.model.version == 1 and machine.round_id == 2
