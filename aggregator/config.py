@@ -86,7 +86,7 @@ mode = "remote"                      # remote | inprocess-insecure-dev
 
 [transport]
 url = "mqtt://127.0.0.1:1883"
-client_id = "edgefl-aggregator"      # fixed: the broker keeps the session across restarts
+client_id = "aggregator"             # = its certificate CN; fixed, so the broker keeps the session
 clean_start = false
 session_expiry_s = 86400
 manual_ack = true
@@ -326,7 +326,7 @@ def build_aggregator(cfg: ServiceConfig, *, transport: Any = None) -> Any:
         key_fingerprint=public_key.fingerprint,
     )
     if transport is None:
-        transport = make_transport(cfg.transport, default_client_id="edgefl-aggregator")
+        transport = make_transport(cfg.transport, default_client_id="aggregator")
     return AggregatorService(
         machine,
         store,

@@ -839,6 +839,7 @@ class RoundMachine:
             return actions + self._maybe_give_up(now)
         if share is None:
             self._refused[holder] = result.reason
+            self.stats["keyholder_refused"] += 1
             log.warning("round %d: %s refused: %s", result.round_id, holder, result.reason)
             return [
                 Alert(

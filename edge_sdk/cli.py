@@ -45,6 +45,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sim": ("firmware_sim.cli", "simulate a fleet of devices"),
     "bench": ("edge_sdk.bench_cli", "run a benchmark and write its figures as JSON"),
     "broker": ("firmware_sim.broker_cli", "run an MQTT broker for development and tests"),
+    "pki": ("firmware_sim.pki_cli", "create a CA, issue and revoke certificates, write the CRL"),
+    "model": ("edge_sdk.models.cli", "inspect and export ONNX models"),
 }
 
 

@@ -19,9 +19,20 @@ topic                      written by             read by
 ``updates/{device}``       that device            aggregator, key holder
 ``ack/{device}``           aggregator             that device
 ``status/{device}``        that device (+ will)   aggregator
-``keyholder/request``      aggregator             key holder
-``keyholder/result``       key holder             aggregator
+``keyholder/request``      aggregator             every key holder
+``keyholder/result/{h}``   key holder ``h``       aggregator
 =========================  =====================  ==========================
+
+Several key holders (a committee, each its own identity ``keyholder-1``...)
+each read ``updates/+`` (the read-only witness of the ciphertexts) and
+``keyholder/request`` and write only their own result topic; the result
+topic's name is defined once, in :data:`KEYHOLDER_RESULT_TOPIC`.
+
+With mutual TLS the broker user is the certificate's CN
+(``use_identity_as_username``) and also the client id
+(``use_username_as_clientid``): the user names here are exactly the ids
+:mod:`firmware_sim.pki` issues certificates for (device ids, ``aggregator``,
+the holder ids).
 
 Passwords are stored in Mosquitto 2's ``$7$`` format (PBKDF2-HMAC-SHA512,
 12-byte salt, 64-byte hash), computed here with :mod:`hashlib` so no
@@ -39,7 +50,7 @@ import hashlib
 import hmac
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -49,13 +60,18 @@ from edge_sdk.errors import ConfigError
 from edge_sdk.randomness import RandomSource, default_random
 
 __all__ = [
+    "DEFAULT_AGGREGATOR_USER",
+    "DEFAULT_KEYHOLDER_USER",
     "DEVICE_ID_PATTERN",
+    "KEYHOLDER_REQUEST_TOPIC",
+    "KEYHOLDER_RESULT_TOPIC",
     "AuthFiles",
     "BrokerAuth",
     "TopicGrant",
     "acl_grants",
     "generate_broker_auth",
     "hash_password",
+    "keyholder_result_topic",
     "load_credentials",
     "read_device_ids",
     "render_acl",
@@ -71,6 +87,13 @@ _PBKDF2_HASH_BYTES = 64
 _PASSWORD_BYTES = 32
 DEFAULT_ITERATIONS = 101  # mosquitto_passwd 2.0's own default
 CREDENTIALS_FORMAT = 1
+DEFAULT_AGGREGATOR_USER = "aggregator"
+DEFAULT_KEYHOLDER_USER = "keyholder"
+# The topic layout of the key-holder exchange, relative to the federation
+# prefix. The one place the result topic's name is defined: each holder
+# writes its own, the aggregator reads them all ({holder} = "+").
+KEYHOLDER_REQUEST_TOPIC = "keyholder/request"
+KEYHOLDER_RESULT_TOPIC = "keyholder/result/{holder}"
 
 Access = Literal["read", "write", "readwrite"]
 Role = Literal["device", "aggregator", "keyholder"]
@@ -95,21 +118,38 @@ class TopicGrant:
     topic: str
 
 
+def keyholder_result_topic(federation: str, holder: str) -> str:
+    """Return the topic key holder ``holder`` publishes its results on (``+``: all of them)."""
+    if holder != "+":
+        _check_name(holder, "key holder id")
+    return topic_prefix(federation) + KEYHOLDER_RESULT_TOPIC.format(holder=holder)
+
+
 def acl_grants(
     federation: str,
     device_ids: Iterable[str],
     *,
-    aggregator_user: str = "aggregator",
-    keyholder_user: str = "keyholder",
+    aggregator_user: str = DEFAULT_AGGREGATOR_USER,
+    keyholder_user: str = DEFAULT_KEYHOLDER_USER,
+    keyholders: Iterable[str] | None = None,
 ) -> dict[str, tuple[TopicGrant, ...]]:
     """Return each broker user's topic grants (pure; see the module docstring).
+
+    Args:
+        federation: federation name.
+        device_ids: the devices' ids (= their broker users / certificate CNs).
+        aggregator_user: the aggregator's broker user.
+        keyholder_user: the key holder's broker user when ``keyholders`` is None.
+        keyholders: the ids of a committee of key holders (``keyholder-1``...),
+            each with its own grants; overrides ``keyholder_user``.
 
     Raises:
         ConfigError: an invalid or duplicate name, or a device id equal to a
             service user name.
     """
     prefix = topic_prefix(federation)
-    devices = _check_users(device_ids, aggregator_user, keyholder_user)
+    holders = _check_holders(keyholders, keyholder_user)
+    devices = _check_users(device_ids, aggregator_user, holders)
     grants: dict[str, tuple[TopicGrant, ...]] = {
         aggregator_user: (
             TopicGrant(access="write", topic=prefix + "model/+"),
@@ -117,17 +157,18 @@ def acl_grants(
             TopicGrant(access="read", topic=prefix + "updates/+"),
             TopicGrant(access="write", topic=prefix + "ack/+"),
             TopicGrant(access="read", topic=prefix + "status/+"),
-            TopicGrant(access="write", topic=prefix + "keyholder/request"),
-            TopicGrant(access="read", topic=prefix + "keyholder/result"),
-        ),
-        keyholder_user: (
-            # read-only witness of the ciphertexts: the key holder decrypts a
-            # sum only if it can rebuild it from the devices' own updates
-            TopicGrant(access="read", topic=prefix + "updates/+"),
-            TopicGrant(access="read", topic=prefix + "keyholder/request"),
-            TopicGrant(access="write", topic=prefix + "keyholder/result"),
+            TopicGrant(access="write", topic=prefix + KEYHOLDER_REQUEST_TOPIC),
+            TopicGrant(access="read", topic=keyholder_result_topic(federation, "+")),
         ),
     }
+    for holder in holders:
+        grants[holder] = (
+            # read-only witness of the ciphertexts: a key holder decrypts a
+            # sum only if it can rebuild it from the devices' own updates
+            TopicGrant(access="read", topic=prefix + "updates/+"),
+            TopicGrant(access="read", topic=prefix + KEYHOLDER_REQUEST_TOPIC),
+            TopicGrant(access="write", topic=keyholder_result_topic(federation, holder)),
+        )
     for device in devices:
         grants[device] = (
             TopicGrant(access="read", topic=prefix + "model/+"),
@@ -139,10 +180,27 @@ def acl_grants(
     return grants
 
 
-def _check_users(device_ids: Iterable[str], aggregator_user: str, keyholder_user: str) -> list[str]:
+def _check_holders(keyholders: Iterable[str] | None, keyholder_user: str) -> list[str]:
+    if keyholders is None:
+        return [_check_name(keyholder_user, "key holder user")]
+    if isinstance(keyholders, str):
+        raise ConfigError("keyholders must be a list of ids, not one string")
+    holders: list[str] = []
+    for holder in keyholders:
+        _check_name(holder, "key holder id")
+        if holder in holders:
+            raise ConfigError(f"key holder id {holder!r} is listed twice")
+        holders.append(holder)
+    if not holders:
+        raise ConfigError("at least one key holder is needed")
+    return holders
+
+
+def _check_users(
+    device_ids: Iterable[str], aggregator_user: str, holders: Sequence[str]
+) -> list[str]:
     _check_name(aggregator_user, "aggregator user")
-    _check_name(keyholder_user, "key holder user")
-    if aggregator_user == keyholder_user:
+    if aggregator_user in holders:
         raise ConfigError("the aggregator and the key holder need different broker users")
     if isinstance(device_ids, str):
         raise ConfigError("device_ids must be a list of ids, not one string")
@@ -152,7 +210,7 @@ def _check_users(device_ids: Iterable[str], aggregator_user: str, keyholder_user
         _check_name(device, "device id")
         if device in seen:
             raise ConfigError(f"device id {device!r} is listed twice")
-        if device in (aggregator_user, keyholder_user):
+        if device == aggregator_user or device in holders:
             raise ConfigError(f"device id {device!r} collides with a service user name")
         seen.add(device)
         devices.append(device)
@@ -207,14 +265,20 @@ def render_password_file(hashes: Mapping[str, str]) -> str:
     return "".join(f"{user}:{hashes[user]}\n" for user in sorted(hashes))
 
 
-def render_acl(grants: Mapping[str, tuple[TopicGrant, ...]], *, federation: str) -> str:
+def render_acl(
+    grants: Mapping[str, tuple[TopicGrant, ...]],
+    *,
+    federation: str,
+    generator: str = "edgefl broker acl",
+) -> str:
     """Return a Mosquitto ACL file with one ``user`` block per broker user.
 
     No line precedes the first ``user`` block, so anonymous clients (if the
-    broker ever allowed them) get nothing.
+    broker ever allowed them) get nothing. ``generator`` names the command
+    in the header comment.
     """
     lines = [
-        f"# edgefl ACL for federation {federation!r}: generated by `edgefl broker acl`.",
+        f"# edgefl ACL for federation {federation!r}: generated by `{generator}`.",
         "# Regenerate rather than edit; reload Mosquitto (SIGHUP) to apply.",
     ]
     for user in sorted(grants):
@@ -302,8 +366,9 @@ def generate_broker_auth(
     federation: str,
     device_ids: Iterable[str],
     *,
-    aggregator_user: str = "aggregator",
-    keyholder_user: str = "keyholder",
+    aggregator_user: str = DEFAULT_AGGREGATOR_USER,
+    keyholder_user: str = DEFAULT_KEYHOLDER_USER,
+    keyholders: Iterable[str] | None = None,
     passwords: Mapping[str, str] | None = None,
     rng: RandomSource | None = None,
     iterations: int = DEFAULT_ITERATIONS,
@@ -314,7 +379,8 @@ def generate_broker_auth(
         federation: federation name (``[A-Za-z0-9_-]{1,64}``).
         device_ids: device ids, each ``[A-Za-z0-9_-]{1,64}``, distinct.
         aggregator_user: broker user of the aggregator.
-        keyholder_user: broker user of the key holder.
+        keyholder_user: broker user of the key holder (when ``keyholders`` is None).
+        keyholders: ids of a committee of key holders, each its own broker user.
         passwords: passwords to keep (e.g. from an earlier credentials file);
             users of this federation without one get a fresh random password;
             entries for users no longer present are ignored (that is how a
@@ -326,10 +392,17 @@ def generate_broker_auth(
         ConfigError: invalid names, duplicates, or an empty given password.
     """
     source = rng if rng is not None else default_random()
+    holders = None if keyholders is None else list(keyholders)
     grants = acl_grants(
-        federation, device_ids, aggregator_user=aggregator_user, keyholder_user=keyholder_user
+        federation,
+        device_ids,
+        aggregator_user=aggregator_user,
+        keyholder_user=keyholder_user,
+        keyholders=holders,
     )
-    roles: dict[str, Role] = {aggregator_user: "aggregator", keyholder_user: "keyholder"}
+    roles: dict[str, Role] = {aggregator_user: "aggregator"}
+    for holder in holders if holders is not None else [keyholder_user]:
+        roles[holder] = "keyholder"
     for user in grants:
         roles.setdefault(user, "device")
     given = dict(passwords or {})

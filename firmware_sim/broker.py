@@ -54,7 +54,9 @@ __all__ = [
     "find_mosquitto",
     "free_port",
     "mqtt_ping",
+    "render_mutual_tls_config",
     "start_broker",
+    "tls_listener_lines",
 ]
 
 log = logging.getLogger(__name__)
@@ -185,7 +187,14 @@ class TlsListener:
         require_certificate: demand a client certificate (mutual TLS).
         use_identity_as_username: the client certificate's CN becomes the
             username the ACL sees.
-        crlfile: optional certificate revocation list (PEM).
+        use_username_as_clientid: that username also replaces whatever
+            client id the client sent, so a certificate can only ever open
+            (or take over) its own session: a device presenting its own
+            valid certificate with the aggregator's client id connects as
+            itself and kicks nobody off. Mosquitto reads it per listener and
+            only at start-up (not on SIGHUP).
+        crlfile: optional certificate revocation list (PEM), re-read on
+            SIGHUP (:meth:`MosquittoBroker.reload`).
     """
 
     certfile: Path
@@ -194,6 +203,7 @@ class TlsListener:
     port: int = 0
     require_certificate: bool = True
     use_identity_as_username: bool = True
+    use_username_as_clientid: bool = True
     crlfile: Path | None = None
 
 
@@ -217,6 +227,11 @@ class MosquittoOptions:
         tls: an additional TLS listener.
         plain_listener: serve plain MQTT on ``port`` (the readiness check and
             most tests use it).
+        use_username_as_clientid: on the plain listener, replace each
+            client's id by its (password-checked) user name, binding the
+            session to the credentials as :class:`TlsListener` does for
+            certificates. Off by default in the harness, where tests open
+            several sessions per user; production brokers want it on.
         extra_lines: appended to the configuration verbatim.
     """
 
@@ -231,6 +246,7 @@ class MosquittoOptions:
     allow_anonymous: bool | None = None
     tls: TlsListener | None = None
     plain_listener: bool = True
+    use_username_as_clientid: bool = False
     extra_lines: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -248,6 +264,94 @@ class MosquittoOptions:
             raise ValueError(f"max_packet_size must be >= 20 bytes, got {self.max_packet_size}")
         if not self.plain_listener and self.tls is None:
             raise ValueError("a broker needs at least one listener: plain_listener or tls")
+
+
+def _flag(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def tls_listener_lines(tls: TlsListener) -> list[str]:
+    """Return the Mosquitto lines configuring one TLS listener (after its ``listener`` line).
+
+    With the defaults this is the identity binding the threat model relies
+    on: a client certificate is required, its CN is the user name the ACL
+    sees, and that user name is the client id, so one party's certificate
+    can never open or take over another party's session.
+    """
+    lines = [
+        f"cafile {Path(tls.cafile).resolve()}",
+        f"certfile {Path(tls.certfile).resolve()}",
+        f"keyfile {Path(tls.keyfile).resolve()}",
+        f"require_certificate {_flag(tls.require_certificate)}",
+        f"use_identity_as_username {_flag(tls.use_identity_as_username)}",
+        f"use_username_as_clientid {_flag(tls.use_username_as_clientid)}",
+    ]
+    if tls.crlfile is not None:
+        lines.append(f"crlfile {Path(tls.crlfile).resolve()}")
+    return lines
+
+
+def render_mutual_tls_config(
+    *,
+    tls: TlsListener,
+    acl_file: Path,
+    port: int = 8883,
+    bind: str | None = None,
+    persistence_location: Path | None = Path("/var/lib/mosquitto"),
+    max_queued_messages: int = 100_000,
+    max_packet_size: int = 1_048_576,
+) -> str:
+    """Return a production ``mosquitto.conf`` for a mutual-TLS-only broker.
+
+    One listener (``tls``; its ``port`` field is ignored for ``port``), no
+    anonymous access, the ACL, and the identity binding of
+    :func:`tls_listener_lines`. Queue and packet limits follow
+    docs/operations.md ("Mosquitto").
+
+    Args:
+        tls: certificate, key, CA and CRL files, and the binding flags.
+        acl_file: the ACL (user names = certificate CNs).
+        port: the listener port.
+        bind: bind address; all interfaces when None.
+        persistence_location: persistence folder; None disables persistence.
+        max_queued_messages: per-client queue (the aggregator's offline queue).
+        max_packet_size: largest MQTT packet accepted, bytes.
+
+    Raises:
+        ValueError: a port outside 1..65535 or non-positive limits.
+    """
+    if not 0 < port < 65_536:
+        raise ValueError(f"port must be in 1..65535, got {port}")
+    if max_queued_messages < 1 or max_packet_size < 20:
+        raise ValueError("max_queued_messages must be >= 1 and max_packet_size >= 20")
+    lines = [
+        "# edgefl: mutual-TLS broker, generated by `edgefl pki mosquitto`.",
+        "# Identity binding: certificate CN = ACL user = MQTT client id.",
+        "# Reload (SIGHUP) after rewriting the CRL or the ACL; restart after editing",
+        "# the listener options below (Mosquitto reads them at start-up only).",
+        "per_listener_settings false",
+        "allow_anonymous false",
+        f"acl_file {Path(acl_file).resolve()}",
+    ]
+    if persistence_location is not None:
+        lines += [
+            "persistence true",
+            f"persistence_location {Path(persistence_location)}/",
+            "autosave_interval 30",
+        ]
+    else:
+        lines.append("persistence false")
+    lines += [
+        f"max_queued_messages {max_queued_messages}",
+        "max_queued_bytes 0",
+        "max_inflight_messages 20",
+        f"max_packet_size {max_packet_size}",
+        "persistent_client_expiration 7d",
+        "",
+        f"listener {port}" + (f" {bind}" if bind else ""),
+        *tls_listener_lines(tls),
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -420,18 +524,11 @@ class MosquittoBroker(_BrokerBase):
             lines.append(f"acl_file {Path(opts.acl_file).resolve()}")
         if opts.plain_listener:
             lines.append(f"listener {self.port} {self.host}")
+            if opts.use_username_as_clientid:
+                lines.append("use_username_as_clientid true")
         if opts.tls is not None:
-            tls = opts.tls
-            lines += [
-                f"listener {self.tls_port} {self.host}",
-                f"cafile {Path(tls.cafile).resolve()}",
-                f"certfile {Path(tls.certfile).resolve()}",
-                f"keyfile {Path(tls.keyfile).resolve()}",
-                f"require_certificate {'true' if tls.require_certificate else 'false'}",
-                f"use_identity_as_username {'true' if tls.use_identity_as_username else 'false'}",
-            ]
-            if tls.crlfile is not None:
-                lines.append(f"crlfile {Path(tls.crlfile).resolve()}")
+            lines.append(f"listener {self.tls_port} {self.host}")
+            lines += tls_listener_lines(opts.tls)
         lines += list(opts.extra_lines)
         return "\n".join(lines) + "\n"
 

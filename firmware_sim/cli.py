@@ -81,6 +81,8 @@ def _cmd_run_fleet(args: argparse.Namespace) -> int:
             server_opt=args.server_opt,
             server_lr=args.server_lr,
             broker=args.broker,
+            holders=args.holders,
+            threshold=args.threshold,
             profile=profile,
             seed=args.seed,
         )
@@ -136,9 +138,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     def progress(r: RoundResult) -> None:
         if not quiet:
             eps = f", epsilon {r.epsilon:.2f}" if r.epsilon else ""
+            late = f", {r.late} late" if r.late else ""
+            outcome = "" if r.outcome == "ok" else f" [{r.outcome}: model unchanged]"
             print(
                 f"round {r.round:>3}/{config.rounds}: {r.contributors:>4}/{config.devices} "
-                f"updates, accuracy {100 * r.accuracy:5.1f}%{eps}, {r.seconds:.1f} s",
+                f"updates{late}, accuracy {100 * r.accuracy:5.1f}%{eps}, {r.seconds:.1f} s"
+                f"{outcome}",
                 flush=True,
             )
 
@@ -146,7 +151,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(
             f"simulating {config.devices} devices x {config.rounds} rounds: {config.model} on "
             f"{config.dataset} ({config.partition}), setting {config.setting}, crypto "
-            f"{'on' if config.crypto else 'off'}",
+            f"{'on' if config.crypto else 'off (unblinded ciphertexts)'}, quorum "
+            f"{config.quorum}; noise from the OS CSPRNG",
             flush=True,
         )
     result = run(config, progress=progress)
@@ -172,7 +178,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         emit(
             summary,
             as_json=False,
-            text=f"final accuracy {100 * result.final_accuracy:.1f}% in {result.seconds:.1f} s",
+            text=f"final accuracy {100 * result.final_accuracy:.1f}% in {result.seconds:.1f} s"
+            + (f"; {result.failed_rounds} rounds failed" if result.failed_rounds else ""),
         )
     return EXIT_OK
 
@@ -185,10 +192,13 @@ def register(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="sim_command", metavar="SUBCOMMAND")
     run = sub.add_parser(
         "run",
-        help="simulate a fleet (direct: the SDK's pipeline without a broker)",
-        description="Simulate N devices running the SDK's training and privacy pipeline "
-        "and the aggregator's planning and optimizer. --crypto on adds real Paillier "
-        "encryption and decryption (identical aggregates, slower).",
+        help="simulate a fleet (direct: the real round machine and device code, no broker)",
+        description="Simulate N devices: each runs the SDK's device session, training and "
+        "privacy pipeline and its own privacy ledger; the aggregator's real round machine "
+        "(quorum, deadline, optimizer) and a 2-of-3 key-holder committee run the rounds in "
+        "memory. --crypto off "
+        "(default) sends unblinded ciphertexts (fast, not hiding); --crypto on encrypts for "
+        "real (identical aggregates, slower).",
     )
     run.add_argument("--dataset", choices=DATASETS, default="digits")
     run.add_argument("--model", choices=MODELS, default="softmax")
@@ -208,7 +218,12 @@ def register(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--clip", type=float, default=1.0, help="L2 clip of a device's delta")
     run.add_argument("--crypto", choices=("on", "off"), default="off")
     run.add_argument("--participation", type=float, default=1.0)
-    run.add_argument("--dropout", type=float, default=0.0)
+    run.add_argument(
+        "--dropout",
+        type=float,
+        default=0.0,
+        help="share of the online devices whose update arrives after the deadline",
+    )
     run.add_argument("--local-epochs", type=int, default=1)
     run.add_argument("--batch-size", type=int, default=16)
     run.add_argument("--lr", type=float, default=0.1, help="device learning rate")
@@ -219,7 +234,12 @@ def register(parser: argparse.ArgumentParser) -> None:
     stack = run.add_argument_group(
         "full stack over a broker",
         "With --broker, every device is a real agent with its own MQTT connection, ledger and "
-        "outbox, talking to the real aggregator service and key holder (tens of devices).",
+        "outbox, talking to the real aggregator service and a T-of-N committee of key "
+        "holders, each its own process on the broker (tens of devices).",
+    )
+    stack.add_argument("--holders", type=int, default=3, help="key holders N (default 3)")
+    stack.add_argument(
+        "--threshold", type=int, default=2, help="shares needed to decrypt, T (default 2)"
     )
     stack.add_argument(
         "--broker",

@@ -172,6 +172,7 @@ class FleetResult:
     seconds: float = 0.0
     reboots: int = 0
     rejections: dict[str, int] = field(default_factory=dict)
+    keyholder_refusals: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready summary."""
@@ -185,6 +186,9 @@ class FleetResult:
             "delta": self.config.get("delta"),
             "bytes_per_param": self.bytes_per_param,
             "dimension": self.dimension,
+            "devices": self.config.get("devices"),
+            "keyholders": {"n": self.config.get("holders"), "t": self.config.get("threshold")},
+            "keyholder_refusals": self.keyholder_refusals,
             "seconds": round(self.seconds, 2),
             "reboots": self.reboots,
             "rejections": self.rejections,
@@ -306,6 +310,7 @@ class Fleet:
                 self._stop_agent(device_id)
             if service is not None:
                 result.rejections = dict(service.machine.rejections)
+                result.keyholder_refusals = int(service.machine.stats["keyholder_refused"])
                 service.close()
             if self.committee is not None:
                 self.committee.stop()

@@ -93,16 +93,16 @@ def test_each_role_gets_exactly_its_topics() -> None:
     for forbidden_read in ("updates/dA", "updates/dB", "ack/dB", "status/dB", "keyholder/request"):
         assert not _allowed(a, "read", P + forbidden_read), forbidden_read
     # aggregator
-    for topic in ("updates/dA", "updates/dB", "status/dA", "keyholder/result"):
+    for topic in ("updates/dA", "updates/dB", "status/dA", "keyholder/result/keyholder"):
         assert _allowed(agg, "read", P + topic)
     for topic in ("model/0", "model/7", "round", "ack/dA", "ack/dB", "keyholder/request"):
         assert _allowed(agg, "write", P + topic)
     assert not _allowed(agg, "read", P + "keyholder/request")
-    assert not _allowed(agg, "write", P + "keyholder/result")
+    assert not _allowed(agg, "write", P + "keyholder/result/keyholder")
     assert not _allowed(agg, "write", P + "updates/dA")
     # key holder
     assert _allowed(kh, "read", P + "keyholder/request")
-    assert _allowed(kh, "write", P + "keyholder/result")
+    assert _allowed(kh, "write", P + "keyholder/result/keyholder")
     assert _allowed(kh, "read", P + "updates/dA")  # the witness of ciphertexts
     assert not _allowed(kh, "write", P + "updates/dA")
     assert not _allowed(kh, "read", P + "ack/dA")
@@ -287,8 +287,8 @@ def test_grants_cover_every_topic_the_code_uses() -> None:
         assert _allowed(device, "write", topic), topic
     for topic in (t.round, t.model(0), t.model(12), t.ack("dB"), t.keyholder_request):
         assert _allowed(agg, "write", topic), topic
-    for topic in (t.updates("dB"), t.status("dB"), t.keyholder_result):
+    for topic in (t.updates("dB"), t.status("dB"), t.keyholder_result("keyholder")):
         assert _allowed(agg, "read", topic), topic
     for topic in (t.updates("dA"), t.keyholder_request):
         assert _allowed(kh, "read", topic), topic
-    assert _allowed(kh, "write", t.keyholder_result)
+    assert _allowed(kh, "write", t.keyholder_result("keyholder"))
