@@ -53,6 +53,11 @@ def load_benchmark(name: str) -> ModuleType:
         raise ValueError(
             f"unknown benchmark {name!r}; available: {', '.join(list_benchmarks()) or 'none'}"
         )
+    # Benchmarks share helpers as ``benchmarks._name`` modules: make their
+    # folder's parent importable.
+    root = str(path.parent.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
     spec = importlib.util.spec_from_file_location(f"edgefl_benchmarks.{name}", path)
     if spec is None or spec.loader is None:
         raise ValueError(f"cannot load benchmark {name!r} from {path}")
