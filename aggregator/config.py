@@ -36,6 +36,9 @@ EXAMPLE = """\
 federation = "demo"
 store = "aggregator.db"              # SQLite (WAL); back it up with `sqlite3 .backup`
 public_key = "keys/paillier_public.json"     # the federation's Paillier PUBLIC key
+policy = "keys/policy.json"          # the committee-signed federation policy: the noise,
+                                     # quorum and budget come from it (devices refuse
+                                     # anything outside it; so do the key holders)
 registry = "registry.json"           # enrolled devices (Ed25519 public keys)
 identity = "aggregator.key"          # Ed25519 key signing rounds, models, receipts
                                      # (created if missing; give devices its public key:
@@ -63,7 +66,9 @@ epochs = 1
 batch_size = 32
 lr = 0.05
 
-# Optional: device-side DP noise (omit for HE-only rounds)
+# Optional: a stricter DP calibration than the policy's (never looser: devices
+# and key holders refuse a round outside the policy). Without it the rounds
+# use the policy's mode, epsilon, delta, rounds, quorum and clip.
 # [aggregator.privacy]
 # mode = "distributed"
 # epsilon = 8.0
@@ -115,6 +120,7 @@ _AGG_KEYS = {
     "train",
     "privacy",
     "keyholder_retry_s",
+    "policy",
 }
 _COMMITTEE_KEYS = {"manifest", "mode", "members", "passphrase_file", "allow_unencrypted_key"}
 COMMITTEE_MODES = ("remote", "inprocess-insecure-dev")
@@ -203,7 +209,9 @@ def load_manifest(cfg: ServiceConfig) -> Any:
     )
 
 
-def build_dev_members(cfg: ServiceConfig, registry: Any, manifest: Any, min_clients: int) -> Any:
+def build_dev_members(
+    cfg: ServiceConfig, registry: Any, manifest: Any, min_clients: int, policy: Any = None
+) -> Any:
     """In-process members (``inprocess-insecure-dev``): T shares in one process."""
     from aggregator.keyholder_config import load_member_dir
     from edge_sdk.crypto import read_passphrase
@@ -225,6 +233,7 @@ def build_dev_members(cfg: ServiceConfig, registry: Any, manifest: Any, min_clie
             passphrase=passphrase,
             allow_unencrypted=bool(cfg.committee.get("allow_unencrypted_key", False)),
             verify_sums=False,  # same process as the aggregator: nothing to witness
+            policy=policy,
         )
         for folder in members
     ]
@@ -242,7 +251,9 @@ def build_aggregator(cfg: ServiceConfig, *, transport: Any = None) -> Any:
     from aggregator.service import AggregatorService, CrashHook
     from aggregator.store import AggregatorStore
     from edge_sdk.crypto import load_public_key
+    from edge_sdk.errors import RemoteProtocolError
     from edge_sdk.identity import DeviceRegistry
+    from edge_sdk.policy import FederationPolicy
     from edge_sdk.privacy import DPPolicy
 
     agg = cfg.aggregator
@@ -253,12 +264,37 @@ def build_aggregator(cfg: ServiceConfig, *, transport: Any = None) -> Any:
     max_contributors = int(agg.get("max_contributors", max(1000, target)))
     public_key = load_public_key(cfg.path(str(agg.get("public_key", "keys/paillier_public.json"))))
     registry = DeviceRegistry.load(cfg.path(str(agg.get("registry", "registry.json"))))
+    manifest = load_manifest(cfg)
+    fed_policy = None
+    if agg.get("policy"):
+        fed_policy = FederationPolicy.load(cfg.path(str(agg["policy"])))
+        if (
+            fed_policy.committee_fingerprint != manifest.fingerprint
+            or fed_policy.key_fingerprint != public_key.fingerprint
+            or fed_policy.federation != federation
+        ):
+            raise ConfigError(
+                "[aggregator] policy is for another federation, key or committee than "
+                "[aggregator] public_key and [committee] manifest"
+            )
+        registry.require_approvals(
+            {h.holder_id: h.public_key for h in manifest.holders}, manifest.threshold
+        )
     policy = None
     if agg.get("privacy"):
         try:
             policy = DPPolicy(**dict(agg["privacy"]))
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"[aggregator.privacy]: {exc}") from None
+    elif fed_policy is not None and fed_policy.mode != "none":
+        policy = DPPolicy(
+            mode=fed_policy.mode,  # type: ignore[arg-type]
+            epsilon=fed_policy.epsilon,
+            delta=fed_policy.delta,
+            rounds=fed_policy.rounds,
+            clip=float(agg.get("clip", fed_policy.max_clip)),
+            min_clients=fed_policy.min_clients if fed_policy.mode == "distributed" else 1,
+        )
     plan = plan_rounds(
         public_key,
         dimension=dimension,
@@ -289,7 +325,11 @@ def build_aggregator(cfg: ServiceConfig, *, transport: Any = None) -> Any:
         weights = np.load(cfg.path(initial_path)).astype(np.float32).reshape(-1)
     else:
         weights = np.zeros(dimension, dtype=np.float32)
-    manifest = load_manifest(cfg)
+    if fed_policy is not None:
+        try:
+            fed_policy.check_noise(plan.noise, value_bits=plan.packing.value_bits)
+        except RemoteProtocolError as exc:
+            raise ConfigError(f"[aggregator] settings: {exc}") from None
     if manifest.key_fingerprint != public_key.fingerprint:
         raise ConfigError(
             "[committee] manifest is for Paillier key "
@@ -310,7 +350,7 @@ def build_aggregator(cfg: ServiceConfig, *, transport: Any = None) -> Any:
             "Development only.",
             len(cfg.committee.get("members") or []),
         )
-        members = build_dev_members(cfg, registry, manifest, min_clients)
+        members = build_dev_members(cfg, registry, manifest, min_clients, fed_policy)
     machine = RoundMachine(
         round_config,
         plan,
@@ -319,6 +359,7 @@ def build_aggregator(cfg: ServiceConfig, *, transport: Any = None) -> Any:
         initial_weights=weights,
         committee=CommitteeVerifier(manifest),
         identity=aggregator_identity(cfg),
+        binding=None if fed_policy is None else fed_policy.djn_base,
     )
     store = AggregatorStore(
         cfg.path(str(agg.get("store", "aggregator.db"))),

@@ -48,9 +48,16 @@ from edge_sdk.crypto import (
     PackingSpec,
     sum_ciphertexts,
 )
-from edge_sdk.errors import DecodeError, InvalidCiphertextError, InvalidSignatureError
+from edge_sdk.errors import (
+    CryptoError,
+    DecodeError,
+    InvalidCiphertextError,
+    InvalidSignatureError,
+    RemoteProtocolError,
+)
 from edge_sdk.identity import DeviceIdentity, DeviceRegistry
-from edge_sdk.pipeline import noise_digest
+from edge_sdk.pipeline import noise_digest, verify_update_binding
+from edge_sdk.policy import FederationPolicy
 from edge_sdk.privacy import NoiseSpec
 from edge_sdk.protocol import (
     Chunk,
@@ -96,6 +103,10 @@ class KeyHolder:
             not defended: development mode).
         witness_rounds: updates kept per device (one per round).
         max_update_bytes: largest update payload the witness reassembles.
+        policy: the federation policy (signed by the committee): the noise of
+            every request must be inside it, sums have at least its quorum,
+            updates must carry binding proofs over its DJN base, and devices
+            count only with the committee's approval of their enrollment.
         verify_sums: rebuild every requested sum from witnessed updates (the
             default, and the only setting of a real committee member). False
             is for ``inprocess-insecure-dev`` only, where the members share
@@ -117,9 +128,14 @@ class KeyHolder:
         witness_rounds: int = 2,
         max_update_bytes: int = 256 << 20,
         verify_sums: bool = True,
+        policy: FederationPolicy | None = None,
         clock: Callable[[], int] | None = None,
     ) -> None:
-        """Create the member (no I/O)."""
+        """Create the member (no I/O).
+
+        Raises:
+            ValueError: the share, identity, manifest or policy do not belong together.
+        """
         if min_clients < 1:
             raise ValueError(f"min_clients must be >= 1, got {min_clients}")
         info = manifest.holder(holder_id)
@@ -138,6 +154,24 @@ class KeyHolder:
         self.public_key = manifest.public.public_key
         if self.public_key.fingerprint != manifest.key_fingerprint:
             raise ValueError("the committee's threshold key is not the manifest's Paillier key")
+        if policy is not None:
+            try:
+                policy.verify()
+            except InvalidSignatureError as exc:
+                raise ValueError(f"federation policy: {exc}") from None
+            if (
+                policy.committee_fingerprint != manifest.fingerprint
+                or policy.key_fingerprint != manifest.key_fingerprint
+                or policy.federation != manifest.federation
+            ):
+                raise ValueError("the federation policy is for another committee or key")
+            if binding_check is None and policy.djn_base is not None:
+                base, pk = policy.djn_base, self.public_key
+                binding_check = lambda u: verify_update_binding(u, pk, base)  # noqa: E731
+            registry.require_approvals(
+                {h.holder_id: h.public_key for h in manifest.holders}, manifest.threshold
+            )
+        self.policy = policy
         self.registry = registry
         self.federation = manifest.federation
         self.holder_id = holder_id
@@ -238,7 +272,7 @@ class KeyHolder:
         if self.binding_check is not None:
             try:
                 self.binding_check(update)
-            except (InvalidCiphertextError, DecodeError, ValueError):
+            except (CryptoError, DecodeError, ValueError):
                 return "bad_binding"
         if slots is None:
             slots = OrderedDict()
@@ -332,6 +366,7 @@ class KeyHolder:
         if spec.key_fingerprint != self.public_key.fingerprint:
             raise Refusal("wrong_key")
         quorum = self.min_clients
+        noise: NoiseSpec | None = None
         if request.privacy:
             try:
                 raw = msgpack.unpackb(request.privacy, raw=False, strict_map_key=True)
@@ -341,6 +376,12 @@ class KeyHolder:
             # The noise each device added was sized for sums of noise.min_clients;
             # a smaller sum would carry less noise than every ledger charged for.
             quorum = max(quorum, noise.min_clients)
+        if self.policy is not None:
+            try:
+                self.policy.check_noise(noise, value_bits=spec.value_bits)
+            except RemoteProtocolError:
+                raise Refusal("outside_policy") from None
+            quorum = max(quorum, self.policy.quorum(noise))
         privacy_digest = noise_digest(request.privacy)
         try:
             proofs = list(request.proofs())

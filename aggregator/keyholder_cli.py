@@ -25,12 +25,57 @@ def register(parser: argparse.ArgumentParser) -> None:
     )
     serve.add_argument("--config", required=True, help="keyholder.toml of this member")
     serve.set_defaults(func=_serve)
+    approve = sub.add_parser(
+        "approve",
+        help="sign devices' enrollment in a registry (a device counts with T approvals)",
+        description=(
+            "Add this member's approval (an Ed25519 signature over federation, device id "
+            "and the device's public key) to registry entries. Check each device's key "
+            "out of band first: approving is what stops the aggregator's operator from "
+            "creating contributors alone."
+        ),
+    )
+    approve.add_argument("--config", required=True, help="keyholder.toml of this member")
+    approve.add_argument(
+        "--registry", help="registry file to sign in (default: the member's own registry)"
+    )
+    which = approve.add_mutually_exclusive_group(required=True)
+    which.add_argument("--device", action="append", help="device id (repeatable)")
+    which.add_argument("--all", action="store_true", help="every active device")
+    approve.add_argument("--json", action="store_true", help="print the result as JSON")
+    approve.set_defaults(func=_approve)
     show = sub.add_parser(
         "show-identity", help="print this member's id, index and Ed25519 public key"
     )
     show.add_argument("--config", required=True, help="keyholder.toml of this member")
     show.add_argument("--json", action="store_true", help="print the result as JSON")
     show.set_defaults(func=_show)
+
+
+def _approve(args: argparse.Namespace) -> int:
+    from aggregator.keyholder_config import load_keyholder_config
+    from edge_sdk.cli import emit
+    from edge_sdk.errors import ConfigError
+    from edge_sdk.identity import DeviceIdentity, DeviceRegistry
+
+    cfg = load_keyholder_config(args.config)
+    identity = DeviceIdentity.load(cfg.path(str(cfg.keyholder.get("identity", "identity.key"))))
+    if identity.device_id != cfg.holder_id:
+        raise ConfigError(f"identity key belongs to {identity.device_id}, not {cfg.holder_id}")
+    path = args.registry or cfg.path(str(cfg.keyholder.get("registry", "registry.json")))
+    registry = DeviceRegistry.load(path)
+    ids = registry.active_ids() if args.all else list(args.device)
+    for device_id in ids:
+        if registry.get(device_id) is None:
+            raise ConfigError(f"device {device_id!r} is not in {path}")
+        registry.approve(device_id, identity)
+    registry.save()
+    emit(
+        {"holder": cfg.holder_id, "registry": str(path), "approved": ids},
+        as_json=args.json,
+        text=f"{cfg.holder_id} approved {len(ids)} device(s) in {path}",
+    )
+    return 0
 
 
 def _show(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ writes::
 
     DIR/paillier_public.json        the federation's ordinary Paillier public key
     DIR/committee.json              the public committee manifest
+    DIR/policy.json                 the federation policy, signed by every member
     DIR/keyholder-1/share.json      holder 1's sealed threshold share (0600)
     DIR/keyholder-1/identity.key    holder 1's Ed25519 key (0600; signs results)
     DIR/keyholder-1/keyholder.toml  holder 1's own configuration
@@ -38,6 +39,7 @@ else:  # pragma: no cover
 __all__ = [
     "KEYHOLDER_TEMPLATE",
     "KeyholderConfig",
+    "PolicyTerms",
     "build_member",
     "load_keyholder_config",
     "load_member_dir",
@@ -54,6 +56,7 @@ federation = "{federation}"
 share = "share.json"                 # sealed threshold share (never copy it elsewhere)
 identity = "identity.key"            # Ed25519 key signing this member's results
 manifest = "../committee.json"       # the committee's public manifest
+policy = "../policy.json"            # the federation policy this member enforces
 registry = "{registry}"              # this member's OWN copy of the device registry
 min_clients = {min_clients}          # refuse sums of fewer devices, whatever is asked
 state = "state.json"                 # rounds answered (request digests, never plaintexts)
@@ -75,6 +78,7 @@ _KEYS = {
     "share",
     "identity",
     "manifest",
+    "policy",
     "registry",
     "min_clients",
     "state",
@@ -149,6 +153,7 @@ def load_member_dir(
     identity_file: str = "identity.key",
     binding_check: Any = None,
     verify_sums: bool = True,
+    policy: Any = None,
 ) -> Any:
     """Build a member from a ceremony folder (share and identity)."""
     from aggregator.keyholder import KeyHolder
@@ -173,6 +178,7 @@ def load_member_dir(
             min_clients=min_clients,
             binding_check=binding_check,
             verify_sums=verify_sums,
+            policy=policy,
         )
     except ValueError as exc:
         raise ConfigError(f"{folder}: {exc}") from None
@@ -183,6 +189,7 @@ def build_member(cfg: KeyholderConfig) -> Any:
     from aggregator.committee import CommitteeManifest
     from edge_sdk.crypto import read_passphrase
     from edge_sdk.identity import DeviceRegistry
+    from edge_sdk.policy import FederationPolicy
 
     kh = cfg.keyholder
     manifest = CommitteeManifest.load(cfg.path(str(kh.get("manifest", "../committee.json"))))
@@ -194,6 +201,9 @@ def build_member(cfg: KeyholderConfig) -> Any:
     passfile = kh.get("passphrase_file") or None
     passphrase = read_passphrase(cfg.path(passfile) if passfile else None)
     registry = DeviceRegistry.load(cfg.path(str(kh.get("registry", "registry.json"))))
+    policy = None
+    if kh.get("policy"):
+        policy = FederationPolicy.load(cfg.path(str(kh["policy"])))
     return load_member_dir(
         cfg.base,
         manifest=manifest,
@@ -204,7 +214,31 @@ def build_member(cfg: KeyholderConfig) -> Any:
         holder_id=cfg.holder_id,
         share_file=str(kh.get("share", "share.json")),
         identity_file=str(kh.get("identity", "identity.key")),
+        policy=policy,
     )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PolicyTerms:
+    """The privacy promise written into the ceremony's federation policy.
+
+    Attributes:
+        mode: ``distributed``, ``local`` or ``none``.
+        min_clients: the quorum the noise is calibrated for (distributed).
+        epsilon: each device's total epsilon.
+        delta: its delta.
+        rounds: the rounds horizon.
+        max_clip: largest L2 clip a round may announce.
+        binding: publish a DJN base so updates carry binding proofs.
+    """
+
+    mode: str = "distributed"
+    min_clients: int = 10
+    epsilon: float = 8.0
+    delta: float = 1e-5
+    rounds: int = 100
+    max_clip: float = 1.0
+    binding: bool = True
 
 
 def run_ceremony(
@@ -223,6 +257,7 @@ def run_ceremony(
     holder_prefix: str = "keyholder-",
     allow_insecure_size: bool = False,
     primes: tuple[int, int] | None = None,
+    terms: PolicyTerms | None = None,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Generate the federation key as ``N`` shares and write the ceremony folder.
@@ -242,6 +277,8 @@ def run_ceremony(
         holder_prefix: member ids are ``{prefix}{i}``.
         allow_insecure_size: allow moduli below 2048 bits (tests).
         primes: known safe primes (tests; skips prime generation).
+        terms: the federation policy (default: :class:`PolicyTerms` with
+            ``min_clients``); every member signs it.
         overwrite: replace an existing ceremony.
 
     Returns:
@@ -255,8 +292,9 @@ def run_ceremony(
 
     from aggregator.committee import CommitteeManifest, HolderInfo
     from aggregator.threshold import ceremony, save_share
-    from edge_sdk.crypto import save_public_key
+    from edge_sdk.crypto import DJNBase, save_public_key
     from edge_sdk.identity import DeviceIdentity
+    from edge_sdk.policy import FederationPolicy
 
     if (out / "committee.json").exists() and not overwrite:
         raise ConfigError(f"{out} already holds a ceremony (committee.json); refusing to overwrite")
@@ -280,8 +318,26 @@ def run_ceremony(
             for i, ident in enumerate(identities, start=1)
         ),
     )
+    terms = terms or PolicyTerms(min_clients=min_clients)
+    policy = FederationPolicy(
+        federation=federation,
+        key_fingerprint=manifest.key_fingerprint,
+        committee_fingerprint=manifest.fingerprint,
+        threshold=threshold,
+        holders=tuple((h.holder_id, h.public_key) for h in manifest.holders),
+        mode=terms.mode,
+        min_clients=terms.min_clients if terms.mode == "distributed" else 1,
+        epsilon=terms.epsilon,
+        delta=terms.delta,
+        rounds=terms.rounds,
+        max_clip=terms.max_clip,
+        djn_base=DJNBase.generate(result.public_key) if terms.binding else None,
+    )
+    for ident in identities:  # the dealer holds every member's new key right now
+        policy = policy.signed_by(ident)
     save_public_key(result.public_key, out / "paillier_public.json", overwrite=overwrite)
     manifest.save(out / "committee.json")
+    policy.save(out / "policy.json")
     folders = []
     for share, ident in zip(result.shares, identities, strict=True):
         folder = out / ident.device_id
@@ -319,6 +375,8 @@ def run_ceremony(
         "committee_fingerprint": manifest.fingerprint,
         "public_key": str(out / "paillier_public.json"),
         "manifest": str(out / "committee.json"),
+        "policy": str(out / "policy.json"),
+        "policy_digest": policy.digest,
         "members": folders,
         "ceremony_s": round(ceremony_s, 3),
     }

@@ -48,14 +48,16 @@ import numpy.typing as npt
 from aggregator.committee import CommitteeVerifier, InvalidShareError
 from aggregator.optimizers import ServerOptimizer, mean_delta
 from aggregator.planning import RoundPlan, build_announcement
-from edge_sdk.crypto import CiphertextAccumulator, CiphertextVector, unpack_sum
+from edge_sdk.crypto import CiphertextAccumulator, CiphertextVector, DJNBase, unpack_sum
 from edge_sdk.errors import (
+    CryptoError,
     DecodeError,
     InvalidCiphertextError,
     InvalidSignatureError,
     SlotOverflowError,
 )
 from edge_sdk.identity import DeviceIdentity, DeviceRegistry, SignedMessage, sign_message
+from edge_sdk.pipeline import verify_update_binding
 from edge_sdk.protocol import (
     Chunk,
     ContributorProof,
@@ -344,6 +346,10 @@ class RoundMachine:
             signed result and share proof, combines ``T`` shares).
         identity: the aggregator's Ed25519 identity; when given, every
             announcement, model and receipt is signed.
+        binding: the committee's DJN base (from the federation policy): every
+            update must carry a valid binding proof, checked before it is
+            summed (the members check it too; this only keeps one bad update
+            from failing a whole round).
     """
 
     def __init__(
@@ -356,6 +362,7 @@ class RoundMachine:
         initial_weights: npt.ArrayLike | None = None,
         committee: CommitteeVerifier,
         identity: DeviceIdentity | None = None,
+        binding: DJNBase | None = None,
     ) -> None:
         """Create the machine; call :meth:`restore` (or nothing) then feed :class:`Start`."""
         if config.min_clients != plan.min_clients:
@@ -367,6 +374,7 @@ class RoundMachine:
         self.registry = registry
         self.optimizer = optimizer
         self.committee = committee
+        self.binding = binding
         # Signs announcements, models and receipts (devices that pin its
         # public key refuse unsigned or forged ones). Ed25519 is
         # deterministic, so a restarted machine re-signs to the same bytes.
@@ -661,7 +669,8 @@ class RoundMachine:
         try:
             self.registry.verify(device, update.signing_bytes(), update.signature)
         except InvalidSignatureError as exc:
-            reason = exc.reason if exc.reason in ("unknown_device", "revoked") else "bad_signature"
+            known = ("unknown_device", "revoked", "not_approved")
+            reason = exc.reason if exc.reason in known else "bad_signature"
             return self._reject(device, r, reason, "", update, now)
         digest = update.update_digest
         current = self.round_id
@@ -705,6 +714,11 @@ class RoundMachine:
             vector = CiphertextVector.from_bytes(update.ciphertexts, self.public_key, self._num_ct)
         except InvalidCiphertextError as exc:
             return self._reject(device, r, f"ciphertext_{exc.reason}", str(exc), update, now)
+        if self.binding is not None:
+            try:
+                verify_update_binding(update, self.public_key, self.binding)
+            except CryptoError as exc:
+                return self._reject(device, r, "bad_binding", exc.reason or "", update, now)
         # Every check passed: mutate.
         self._acc.add(vector)
         proof = update.proof()

@@ -81,12 +81,38 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
             raise ConfigError(str(exc)) from None
         registry.save()
         result["registry"] = str(args.registry)
+    extra = ""
+    if args.policy:
+        from edge_sdk._fs import atomic_write
+        from edge_sdk.policy import FederationPolicy
+
+        policy = FederationPolicy.load(args.policy)  # checks the committee's signatures
+        pin = Path(args.state_dir) / "policy.pin"
+        if pin.exists() and pin.read_text(encoding="utf-8").strip() != policy.digest:
+            raise ConfigError(
+                f"{pin} pins another policy; a changed policy is a new ceremony step: "
+                "remove the pin deliberately to accept it"
+            )
+        atomic_write(pin, (policy.digest + "\n").encode(), mode=0o644)
+        result["policy_digest"] = policy.digest
+        extra = (
+            f"\npinned federation policy {policy.digest[:16]}... ({policy.mode}, epsilon "
+            f"{policy.epsilon}, quorum {policy.min_clients}); set [keys] policy = "
+            f"\"{args.policy}\" in device.toml"
+        )
     emit(
         result,
         as_json=args.json,
         text=f"enrolled {args.id}: key {key_path}"
         + (f", registered in {args.registry}" if args.registry else "")
-        + f"\npublic key {result['public_key']}",
+        + f"\npublic key {result['public_key']}"
+        + extra
+        + (
+            "\nthe device counts only once T key holders approved it: "
+            f"`edgefl keyholder approve --config keyholder.toml --device {args.id}` on each"
+            if args.registry
+            else ""
+        ),
     )
     return EXIT_OK
 
@@ -185,6 +211,11 @@ def register(parser: argparse.ArgumentParser) -> None:
     enroll.add_argument("--state-dir", required=True, type=Path, help="device state folder")
     enroll.add_argument("--registry", type=Path, help="aggregator's registry file to add it to")
     enroll.add_argument("--federation", help="federation name recorded in a new registry")
+    enroll.add_argument(
+        "--policy",
+        type=Path,
+        help="the committee-signed federation policy.json to pin on this device",
+    )
     enroll.add_argument("--json", action="store_true", help="print the result as JSON")
     enroll.set_defaults(func=_cmd_enroll)
     revoke = sub.add_parser("revoke", help="revoke a device in the registry")

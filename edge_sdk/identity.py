@@ -37,6 +37,7 @@ __all__ = [
     "DeviceRecord",
     "DeviceRegistry",
     "SignedMessage",
+    "enrollment_bytes",
     "sign_message",
     "verify_message",
     "verify_signature",
@@ -155,14 +156,36 @@ def verify_message(message: SignedMessage, public_key: bytes) -> None:
     verify_signature(public_key, message.signed_bytes(), message.signature)
 
 
+def enrollment_bytes(federation: str, device_id: str, public_key: bytes) -> bytes:
+    """What a committee member signs to approve a device's enrollment."""
+    return (
+        b"edgefl/v1/enroll\x00"
+        + federation.encode()
+        + b"\x00"
+        + _check_id(device_id).encode()
+        + b"\x00"
+        + bytes(public_key)
+    )
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DeviceRecord:
-    """One enrolled device."""
+    """One enrolled device.
+
+    Attributes:
+        device_id: its id.
+        public_key: its raw Ed25519 public key.
+        enrolled_ms: when it was enrolled.
+        revoked_ms: when it was revoked (None: active).
+        approvals: committee members' signatures over
+            :func:`enrollment_bytes` (holder id, signature).
+    """
 
     device_id: str
     public_key: bytes
     enrolled_ms: int
     revoked_ms: int | None = None
+    approvals: tuple[tuple[str, bytes], ...] = ()
 
     @property
     def active(self) -> bool:
@@ -171,15 +194,23 @@ class DeviceRecord:
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready form."""
-        return {
+        doc: dict[str, Any] = {
             "public_key": self.public_key.hex(),
             "enrolled_ms": self.enrolled_ms,
             "revoked_ms": self.revoked_ms,
         }
+        if self.approvals:
+            doc["approvals"] = {h: sig.hex() for h, sig in sorted(self.approvals)}
+        return doc
 
 
 class DeviceRegistry:
     """The enrolled devices of a federation, persisted as a JSON file.
+
+    With :meth:`require_approvals` (every committee member and the
+    aggregator of a committee federation), a device counts only once ``T``
+    committee members signed its enrollment: whoever writes the registry
+    file (the aggregator's operator) cannot create contributors alone.
 
     Args:
         path: registry file (created on first save).
@@ -192,6 +223,9 @@ class DeviceRegistry:
         self.path = Path(path)
         self.federation = federation
         self._devices: dict[str, DeviceRecord] = {}
+        self._approvers: dict[str, bytes] = {}
+        self._approvals_needed = 0
+        self._approved: set[str] = set()
 
     @classmethod
     def load(cls, path: str | Path, *, create: bool = False) -> DeviceRegistry:
@@ -218,11 +252,15 @@ class DeviceRegistry:
                 key = bytes.fromhex(rec["public_key"])
                 if len(key) != 32:
                     raise ValueError(f"{device_id}: public key must be 32 bytes")
+                approvals = tuple(
+                    (str(h), bytes.fromhex(sig)) for h, sig in rec.get("approvals", {}).items()
+                )
                 registry._devices[_check_id(device_id)] = DeviceRecord(
                     device_id=device_id,
                     public_key=key,
                     enrolled_ms=int(rec["enrolled_ms"]),
                     revoked_ms=None if rec.get("revoked_ms") is None else int(rec["revoked_ms"]),
+                    approvals=approvals,
                 )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ConfigError(f"device registry {p} is malformed: {exc}") from None
@@ -257,6 +295,60 @@ class DeviceRegistry:
         self._devices[device_id] = DeviceRecord(
             device_id=device_id, public_key=public_key, enrolled_ms=when
         )
+        self._approved.discard(device_id)
+
+    def require_approvals(self, approvers: dict[str, bytes], threshold: int) -> None:
+        """Count a device only with ``threshold`` valid approvals from ``approvers``.
+
+        Args:
+            approvers: committee member id -> raw Ed25519 public key.
+            threshold: approvals needed (the committee's ``T``).
+        """
+        if not 1 <= threshold <= len(approvers):
+            raise ValueError(f"threshold must be in [1, {len(approvers)}], got {threshold}")
+        self._approvers = dict(approvers)
+        self._approvals_needed = threshold
+        self._approved = set()
+
+    def approve(self, device_id: str, identity: DeviceIdentity) -> None:
+        """Add ``identity``'s (a committee member's) approval of a device's enrollment.
+
+        Raises:
+            KeyError: unknown device.
+        """
+        rec = self._devices[device_id]
+        signature = identity.sign(enrollment_bytes(self.federation, device_id, rec.public_key))
+        others = tuple(a for a in rec.approvals if a[0] != identity.device_id)
+        self._devices[device_id] = dataclasses.replace(
+            rec, approvals=(*others, (identity.device_id, signature))
+        )
+        self._approved.discard(device_id)
+
+    def approval_count(self, device_id: str) -> int:
+        """Valid approvals of a device's current key by the required approvers."""
+        rec = self._devices.get(device_id)
+        if rec is None:
+            return 0
+        data = enrollment_bytes(self.federation, device_id, rec.public_key)
+        valid = set()
+        for holder, signature in rec.approvals:
+            key = self._approvers.get(holder)
+            if key is None:
+                continue
+            try:
+                verify_signature(key, data, signature)
+            except InvalidSignatureError:
+                continue
+            valid.add(holder)
+        return len(valid)
+
+    def _is_approved(self, device_id: str) -> bool:
+        if not self._approvals_needed or device_id in self._approved:
+            return True
+        if self.approval_count(device_id) >= self._approvals_needed:
+            self._approved.add(device_id)
+            return True
+        return False
 
     def revoke(self, device_id: str, *, now_ms: int | None = None) -> None:
         """Revoke a device: its signatures stop verifying.
@@ -267,21 +359,16 @@ class DeviceRegistry:
         rec = self._devices[device_id]
         if rec.active:
             when = int(time.time() * 1000) if now_ms is None else now_ms
-            self._devices[device_id] = DeviceRecord(
-                device_id=device_id,
-                public_key=rec.public_key,
-                enrolled_ms=rec.enrolled_ms,
-                revoked_ms=when,
-            )
+            self._devices[device_id] = dataclasses.replace(rec, revoked_ms=when)
 
     def get(self, device_id: str) -> DeviceRecord | None:
         """The record of a device, or None."""
         return self._devices.get(device_id)
 
     def is_active(self, device_id: str) -> bool:
-        """True for an enrolled, non-revoked device."""
+        """True for an enrolled, non-revoked (and, where required, approved) device."""
         rec = self._devices.get(device_id)
-        return rec is not None and rec.active
+        return rec is not None and rec.active and self._is_approved(device_id)
 
     def active_ids(self) -> list[str]:
         """Ids of enrolled, non-revoked devices, sorted."""
@@ -303,6 +390,11 @@ class DeviceRegistry:
             raise InvalidSignatureError(f"unknown device {device_id!r}", reason="unknown_device")
         if not rec.active:
             raise InvalidSignatureError(f"device {device_id!r} is revoked", reason="revoked")
+        if not self._is_approved(device_id):
+            raise InvalidSignatureError(
+                f"device {device_id!r} lacks the committee's approval of its enrollment",
+                reason="not_approved",
+            )
         verify_signature(rec.public_key, data, signature)
 
     def __len__(self) -> int:

@@ -27,16 +27,24 @@ import numpy as np
 import numpy.typing as npt
 
 from edge_sdk.crypto import (
+    BindingProof,
+    CiphertextVector,
+    DJNBase,
+    DJNObfuscatorSource,
+    InvalidBindingError,
     ObfuscatorPool,
     PackingSpec,
     PaillierPublicKey,
     clamp,
     encrypt,
+    encrypt_bound,
     pack,
     quantize,
+    verify_bound,
 )
-from edge_sdk.errors import LocalProtocolError, RemoteProtocolError
+from edge_sdk.errors import DecodeError, LocalProtocolError, RemoteProtocolError
 from edge_sdk.identity import DeviceIdentity
+from edge_sdk.policy import FederationPolicy
 from edge_sdk.privacy import NoiseSpec, add_noise, clip_l2, within_norm_bound
 from edge_sdk.protocol import EncryptedUpdate, RoundAnnouncement, digest
 from edge_sdk.randomness import RandomSource, default_random
@@ -50,6 +58,7 @@ __all__ = [
     "noise_digest",
     "privatize",
     "seal",
+    "verify_update_binding",
 ]
 
 NO_NOISE_DIGEST = digest(b"edgefl/v1/no-noise")
@@ -84,17 +93,28 @@ class RoundContext:
     packing: PackingSpec
     noise: NoiseSpec | None
     public_key: PaillierPublicKey
+    policy: FederationPolicy | None = None
+
+    @property
+    def binding(self) -> DJNBase | None:
+        """The committee's DJN base when updates must carry a binding proof."""
+        return None if self.policy is None else self.policy.djn_base
 
     @classmethod
     def from_announcement(
-        cls, announcement: RoundAnnouncement, public_key: PaillierPublicKey
+        cls,
+        announcement: RoundAnnouncement,
+        public_key: PaillierPublicKey,
+        *,
+        policy: FederationPolicy | None = None,
     ) -> RoundContext:
-        """Decode and cross-check an announcement.
+        """Decode and cross-check an announcement (against the pinned policy, if any).
 
         Raises:
             RemoteProtocolError: the announcement names another key, its
-                packing spec does not match its digest or the key, or its
-                noise spec is malformed.
+                packing spec does not match its digest or the key, its
+                noise spec is malformed, or it is outside ``policy``
+                (``reason="outside_policy"``).
         """
         fingerprint = bytes.fromhex(public_key.fingerprint)
         if announcement.key_fingerprint != fingerprint:
@@ -130,7 +150,24 @@ class RoundContext:
                     "noise calibrated for more clients than the round's quorum",
                     reason="bad_spec",
                 )
-        return cls(announcement=announcement, packing=spec, noise=noise, public_key=public_key)
+        if policy is not None:
+            if policy.key_fingerprint != public_key.fingerprint:
+                raise RemoteProtocolError(
+                    "the pinned federation policy is for another key", reason="outside_policy"
+                )
+            if announcement.federation != policy.federation:
+                raise RemoteProtocolError(
+                    "round of another federation than the pinned policy's",
+                    reason="outside_policy",
+                )
+            policy.check_noise(noise, value_bits=spec.value_bits)
+        return cls(
+            announcement=announcement,
+            packing=spec,
+            noise=noise,
+            public_key=public_key,
+            policy=policy,
+        )
 
     @property
     def round_key(self) -> str:
@@ -258,7 +295,31 @@ def seal(
     """
     ann = ctx.announcement
     plaintexts = pack(values, ctx.packing)
-    vector = encrypt(ctx.public_key, plaintexts, pool=pool, rng=rng)
+    binding = b""
+    base = ctx.binding
+    if base is None:
+        vector = encrypt(ctx.public_key, plaintexts, pool=pool, rng=rng)
+    else:
+        # DJN obfuscators hs^a and a proof that this device knows its
+        # plaintexts, bound to its id and the round: nobody can submit a
+        # function of other devices' ciphertexts (cancellation, copies).
+        source: ObfuscatorPool | DJNObfuscatorSource
+        if pool is not None and pool.kind == "djn":
+            source = pool
+        else:
+            source = DJNObfuscatorSource(ctx.public_key, base)
+        vector, proof = encrypt_bound(
+            ctx.public_key,
+            base,
+            plaintexts,
+            federation=ann.federation,
+            round_id=ann.round_id,
+            device_id=identity.device_id,
+            packing_digest=ann.packing_digest,
+            pool_or_source=source,
+            rng=rng,
+        )
+        binding = proof.to_bytes()
     blob = vector.to_bytes()
     header: dict[str, Any] = {
         "federation": ann.federation,
@@ -271,10 +332,42 @@ def seal(
         "num_ciphertexts": len(plaintexts),
         "ciphertext_digest": digest(blob),
         "created_ms": int(time.time() * 1000) if now_ms is None else now_ms,
+        "binding": binding,
     }
     unsigned = EncryptedUpdate(**header, ciphertexts=blob, signature=b"\0" * 64)
     return EncryptedUpdate(
         **header, ciphertexts=blob, signature=identity.sign(unsigned.signing_bytes())
+    )
+
+
+def verify_update_binding(
+    update: EncryptedUpdate, public_key: PaillierPublicKey, base: DJNBase
+) -> None:
+    """Check an update's binding proof (aggregator intake and every committee member).
+
+    Raises:
+        InvalidBindingError: missing, malformed, or not valid for this sender,
+            round and ciphertext vector.
+        InvalidCiphertextError: the ciphertext blob is invalid.
+    """
+    if not update.binding:
+        raise InvalidBindingError("update carries no binding proof", reason="binding_missing")
+    try:
+        proof = BindingProof.from_bytes(update.binding, public_key)
+    except DecodeError as exc:
+        raise InvalidBindingError(
+            f"malformed binding proof: {exc}", reason="binding_format"
+        ) from None
+    vector = CiphertextVector.from_bytes(update.ciphertexts, public_key, update.num_ciphertexts)
+    verify_bound(
+        public_key,
+        base,
+        vector,
+        proof,
+        federation=update.federation,
+        round_id=update.round_id,
+        device_id=update.device_id,
+        packing_digest=update.packing_digest,
     )
 
 

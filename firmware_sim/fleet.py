@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from aggregator.committee import CommitteeManifest, CommitteeVerifier
-from aggregator.keyholder_config import run_ceremony
+from aggregator.keyholder_config import PolicyTerms, run_ceremony
 from aggregator.optimizers import make_optimizer
 from aggregator.rounds import RoundConfig, RoundMachine
 from aggregator.service import AggregatorService
@@ -53,6 +53,7 @@ from edge_sdk.agent import (
 from edge_sdk.crypto import load_public_key
 from edge_sdk.errors import EdgeFLError
 from edge_sdk.identity import DeviceIdentity, DeviceRegistry
+from edge_sdk.policy import FederationPolicy
 from edge_sdk.privacy import epsilon_spent
 from edge_sdk.transport import MqttTransport, TransportConfig
 from firmware_sim.broker import BrokerKind, EmbeddedBroker, MosquittoBroker, start_broker
@@ -347,7 +348,20 @@ class Fleet:
             protocol=protocol,
             allow_insecure_size=cfg.key_bits < 2048,
             primes=self._primes,
+            terms=PolicyTerms(
+                mode="distributed" if cfg.privacy == "dp" else "none",
+                min_clients=quorum,
+                epsilon=cfg.epsilon,
+                delta=cfg.delta,
+                rounds=cfg.rounds,
+                max_clip=cfg.clip,
+            ),
         )
+        policy = FederationPolicy.load(keys / "policy.json")
+        holder_ids = [
+            DeviceIdentity.load(folder / "identity.key")
+            for folder in sorted(keys.glob("keyholder-*"))
+        ]
         self.ceremony_s = float(summary["ceremony_s"])
         pk = load_public_key(keys / "paillier_public.json", min_bits=min(2048, cfg.key_bits))
         manifest = CommitteeManifest.load(keys / "committee.json", min_bits=min(2048, cfg.key_bits))
@@ -367,6 +381,8 @@ class Fleet:
             identity = DeviceIdentity.generate(device_id)
             identity.save(state / "device.key")
             registry.enroll(device_id, identity.public_key_bytes)
+            for holder in holder_ids:  # the committee approves the enrollment
+                registry.approve(device_id, holder)
             dcfg = DeviceConfig(
                 device_id=device_id,
                 federation=cfg.federation,
@@ -379,6 +395,8 @@ class Fleet:
                     "reconnect_max_s": 2.0,
                 },
                 public_key=keys / "paillier_public.json",
+                policy=keys / "policy.json",
+                policy_digest=policy.digest,
                 budget_epsilon=cfg.epsilon * 1.0001,
                 delta=cfg.delta,
                 resend_initial_s=5.0,
@@ -391,6 +409,9 @@ class Fleet:
                 "config": dcfg,
             }
         registry.save()
+        registry.require_approvals(
+            {h.holder_id: h.public_key for h in manifest.holders}, manifest.threshold
+        )
         self.progress("setup", {"step": f"starting {cfg.holders} key holders (one process each)"})
         self.committee = CommitteeProcesses.from_ceremony(keys)
         self.committee.start()
@@ -430,6 +451,7 @@ class Fleet:
             initial_weights=weights,
             committee=CommitteeVerifier(manifest),
             identity=aggregator_identity,
+            binding=policy.djn_base,
         )
         store = AggregatorStore(
             self.workdir / "aggregator.db",

@@ -63,7 +63,7 @@ _SECTIONS: dict[str, set[str]] = {
         "keepalive",
         "max_message_size",
     },
-    "keys": {"public_key", "fingerprint", "aggregator_key"},
+    "keys": {"public_key", "fingerprint", "aggregator_key", "policy", "policy_digest"},
     "privacy": {"budget_epsilon", "delta"},
     "training": {"model", "onnx_path", "data", "classes", "features", "loss", "trainable"},
 }
@@ -80,6 +80,8 @@ class DeviceConfig:
     public_key: Path
     fingerprint: str | None = None
     aggregator_key: bytes | None = None
+    policy: Path | None = None
+    policy_digest: str | None = None
     budget_epsilon: float = 8.0
     delta: float = 1e-5
     training: dict[str, Any] = field(default_factory=dict)
@@ -106,6 +108,11 @@ class DeviceConfig:
     def model_file(self) -> Path:
         """The last applied global model message."""
         return self.state_dir / "model.bin"
+
+    @property
+    def policy_pin_file(self) -> Path:
+        """The digest of the federation policy pinned at enrollment."""
+        return self.state_dir / "policy.pin"
 
     @property
     def pool_dir(self) -> Path:
@@ -191,6 +198,8 @@ def load_device_config(
             public_key=Path(str(need("keys", "public_key"))),
             fingerprint=doc.get("keys", {}).get("fingerprint"),
             aggregator_key=_hex_key(doc.get("keys", {}).get("aggregator_key")),
+            policy=Path(str(doc["keys"]["policy"])) if doc.get("keys", {}).get("policy") else None,
+            policy_digest=doc.get("keys", {}).get("policy_digest") or None,
             budget_epsilon=float(privacy.get("budget_epsilon", 8.0)),
             delta=float(privacy.get("delta", 1e-5)),
             training=dict(doc.get("training", {})),

@@ -53,9 +53,16 @@ from edge_sdk.agent.session import (
     UpdateFailed,
     UpdateReady,
 )
-from edge_sdk.crypto import BackgroundFill, ObfuscatorPool, PaillierPublicKey, load_public_key
+from edge_sdk.crypto import (
+    BackgroundFill,
+    DJNObfuscatorSource,
+    ObfuscatorPool,
+    PaillierPublicKey,
+    load_public_key,
+)
 from edge_sdk.errors import (
     BudgetExhaustedError,
+    ConfigError,
     DecodeError,
     EdgeFLError,
     InvalidSignatureError,
@@ -63,6 +70,7 @@ from edge_sdk.errors import (
 )
 from edge_sdk.identity import DeviceIdentity, SignedMessage, verify_message
 from edge_sdk.pipeline import PrivatizedUpdate, RoundContext, build_update
+from edge_sdk.policy import FederationPolicy
 from edge_sdk.privacy import PrivacyLedger, cost_of, update_digest
 from edge_sdk.protocol import (
     Chunk,
@@ -164,6 +172,31 @@ def transport_config(
     return TransportConfig(**settings)
 
 
+def load_pinned_policy(config: DeviceConfig) -> FederationPolicy | None:
+    """The federation policy a device enforces, checked against its pin.
+
+    The digest comes from ``[keys] policy_digest`` or, if absent, from the
+    pin written at enrollment (``state_dir/policy.pin``); a policy file
+    without either pin is refused (a device must not trust whatever policy
+    file it finds).
+
+    Raises:
+        ConfigError: no pin, a policy that is not the pinned one, or too few
+            committee signatures.
+    """
+    if config.policy is None:
+        return None
+    digest = config.policy_digest
+    if digest is None and config.policy_pin_file.exists():
+        digest = config.policy_pin_file.read_text(encoding="utf-8").strip() or None
+    if digest is None:
+        raise ConfigError(
+            f"[keys] policy {config.policy} is not pinned: run `edgefl device enroll --policy` "
+            "or set [keys] policy_digest"
+        )
+    return FederationPolicy.load(config.policy, expected_digest=digest)
+
+
 class DeviceAgent:
     """A device: identity, ledger, outbox, model, trainer and one session.
 
@@ -208,6 +241,9 @@ class DeviceAgent:
         self.public_key = public_key or load_public_key(
             config.public_key, expected_fingerprint=config.fingerprint
         )
+        self.policy = load_pinned_policy(config)
+        if self.policy is not None and self.policy.key_fingerprint != self.public_key.fingerprint:
+            raise ConfigError("the federation policy is for another Paillier key")
         if config.identity_file.exists():
             self.identity = DeviceIdentity.load(config.identity_file)
             if self.identity.device_id != config.device_id:
@@ -225,7 +261,11 @@ class DeviceAgent:
                 config.ledger_file, budget_epsilon=config.budget_epsilon, delta=config.delta
             )
         self.outbox = Outbox(config.outbox_dir)
-        self.pool = ObfuscatorPool(config.pool_dir, self.public_key)
+        # With a committee base, the pool holds DJN obfuscators with their
+        # exponents (the binding proof needs them).
+        base = None if self.policy is None else self.policy.djn_base
+        djn = None if base is None else DJNObfuscatorSource(self.public_key, base)
+        self.pool = ObfuscatorPool(config.pool_dir, self.public_key, djn=djn)
         self.session = DeviceSession(
             device_id=config.device_id,
             federation=config.federation,
@@ -436,7 +476,7 @@ class DeviceAgent:
             return UpdateFailed(now_ms=now, round_id=ann.round_id, reason=reason, detail=detail)
 
         try:
-            ctx = RoundContext.from_announcement(ann, self.public_key)
+            ctx = RoundContext.from_announcement(ann, self.public_key, policy=self.policy)
         except RemoteProtocolError as exc:
             return fail(exc.reason, str(exc))
         if self.ledger.has_spent(ctx.round_key):

@@ -3,7 +3,9 @@
 Who uses what:
 
 * devices: :class:`PaillierPublicKey`, :class:`PackingSpec`, :func:`quantize`,
-  :func:`clamp`, :func:`pack`, :func:`encrypt` with an :class:`ObfuscatorPool`;
+  :func:`clamp`, :func:`pack`, :func:`encrypt` with an :class:`ObfuscatorPool`,
+  or :func:`encrypt_bound` with a DJN pool (:class:`DJNBase`,
+  :class:`DJNObfuscatorSource`; :mod:`edge_sdk.crypto.binding`);
 * the aggregator (blind, public key only): :meth:`CiphertextVector.from_bytes`
   (validates untrusted blobs), :class:`CiphertextAccumulator`,
   :func:`sum_ciphertexts`;
@@ -14,12 +16,27 @@ Raw, dangerous parts (explicit obfuscators, unobfuscated encodings, unchecked
 packing) live in :mod:`edge_sdk.crypto._raw`.
 """
 
+from edge_sdk.crypto.binding import (
+    BindingProof,
+    InvalidBindingError,
+    binding_context,
+    ciphertext_digest,
+    encrypt_bound,
+    verify_bound,
+    verify_many,
+)
 from edge_sdk.crypto.ciphertext import (
     CiphertextAccumulator,
     CiphertextVector,
     decrypt,
     encrypt,
     sum_ciphertexts,
+)
+from edge_sdk.crypto.djn import (
+    DJNBase,
+    DJNObfuscatorSource,
+    DJNTableError,
+    FixedBaseTable,
 )
 from edge_sdk.crypto.keyfile import (
     PASSPHRASE_ENV,
@@ -54,17 +71,26 @@ __all__ = [
     "PUBLIC_KEY_FILE",
     "SECRET_KEY_FILE",
     "BackgroundFill",
+    "BindingProof",
     "CiphertextAccumulator",
     "CiphertextVector",
+    "DJNBase",
+    "DJNObfuscatorSource",
+    "DJNTableError",
+    "FixedBaseTable",
+    "InvalidBindingError",
     "ObfuscatorPool",
     "PackingSpec",
     "PaillierPrivateKey",
     "PaillierPublicKey",
     "PoolCorruptedError",
+    "binding_context",
+    "ciphertext_digest",
     "clamp",
     "decrypt",
     "dequantize",
     "encrypt",
+    "encrypt_bound",
     "generate_keypair",
     "load_private_key",
     "load_public_key",
@@ -78,4 +104,6 @@ __all__ = [
     "secret_key_protection",
     "sum_ciphertexts",
     "unpack_sum",
+    "verify_bound",
+    "verify_many",
 ]

@@ -87,7 +87,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_ceremony(args: argparse.Namespace) -> int:
     # The ceremony is a server-side tool; it lives with the key holders.
-    from aggregator.keyholder_config import run_ceremony
+    from aggregator.keyholder_config import PolicyTerms, run_ceremony
     from edge_sdk.cli import emit
     from edge_sdk.crypto.keyfile import read_passphrase
 
@@ -120,6 +120,15 @@ def _cmd_ceremony(args: argparse.Namespace) -> int:
         min_clients=args.min_clients,
         registry=args.registry,
         broker_url=args.broker,
+        terms=PolicyTerms(
+            mode=args.mode,
+            min_clients=args.min_clients,
+            epsilon=args.epsilon,
+            delta=args.delta,
+            rounds=args.rounds,
+            max_clip=args.max_clip,
+            binding=not args.no_binding,
+        ),
         overwrite=args.force,
     )
     members = "\n".join(f"    {m}" for m in data["members"])
@@ -130,6 +139,8 @@ def _cmd_ceremony(args: argparse.Namespace) -> int:
         f"  committee fingerprint: {data['committee_fingerprint']}\n"
         f"  public key:  {data['public_key']}  (devices and the aggregator)\n"
         f"  manifest:    {data['manifest']}  (public: aggregator and every holder)\n"
+        f"  policy:      {data['policy']}  (signed by every holder; devices pin "
+        f"{data['policy_digest'][:16]}...)\n"
         f"  holder folders (hand each to a different operator; no whole secret key exists):\n"
         f"{members}"
     )
@@ -234,7 +245,25 @@ def register(parser: argparse.ArgumentParser) -> None:
     )
     cer.add_argument("--bits", type=int, default=2048, choices=(2048, 3072, 4096))
     cer.add_argument(
-        "--min-clients", type=int, default=10, help="each holder's own quorum (default 10)"
+        "--min-clients",
+        type=int,
+        default=10,
+        help="the policy's quorum: noise is calibrated for sums of this many devices, and no "
+        "holder decrypts fewer (default 10)",
+    )
+    pol = cer.add_argument_group(
+        "federation policy", "the privacy promise every member signs and every device pins"
+    )
+    pol.add_argument("--mode", choices=("distributed", "local", "none"), default="distributed")
+    pol.add_argument("--epsilon", type=float, default=8.0, help="per-device epsilon budget (8)")
+    pol.add_argument("--delta", type=float, default=1e-5, help="per-device delta (1e-5)")
+    pol.add_argument("--rounds", type=int, default=100, help="rounds horizon (100)")
+    pol.add_argument("--max-clip", type=float, default=1.0, help="largest L2 clip (1.0)")
+    pol.add_argument(
+        "--no-binding",
+        action="store_true",
+        help="publish no DJN base: updates carry no proof of plaintext knowledge "
+        "(cancellation and copies are then NOT defended; development only)",
     )
     cer.add_argument(
         "--registry",
