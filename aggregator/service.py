@@ -66,7 +66,7 @@ from edge_sdk.protocol import (
 )
 from edge_sdk.transport import InboundMessage, Transport, TransportError
 
-__all__ = ["CRASH_ENV", "AggregatorService", "CrashHook"]
+__all__ = ["CRASH_ENV", "AggregatorService", "AlertLimiter", "CrashHook"]
 
 log = logging.getLogger("edgefl.aggregator")
 
@@ -110,6 +110,49 @@ def _commit_kind(action: Commit) -> str:
     return "fail"
 
 
+class AlertLimiter:
+    """Bounds the alert lines one sender can cause (every alert is still counted).
+
+    A device re-signing mutated updates raises an equivocation alert per
+    message; without a bound one device floods the log. Per (kind, device)
+    at most ``per_window`` lines are logged per ``window_ms``; the last one
+    says that further ones are suppressed.
+
+    Args:
+        per_window: lines logged per (kind, device) and window.
+        window_ms: the window.
+        max_keys: senders tracked at once (the oldest is forgotten).
+    """
+
+    def __init__(
+        self, per_window: int = 5, window_ms: int = 3_600_000, max_keys: int = 100_000
+    ) -> None:
+        """Create the limiter."""
+        self.per_window = per_window
+        self.window_ms = window_ms
+        self.max_keys = max_keys
+        self._seen: dict[tuple[str, str | None], tuple[int, int]] = {}
+        self.suppressed = 0
+
+    def admit(self, kind: str, device_id: str | None, now_ms: int) -> str:
+        """``log``, ``last`` (log it and say the rest is suppressed) or ``suppress``."""
+        key = (kind, device_id)
+        start, count = self._seen.get(key, (now_ms, 0))
+        if now_ms - start >= self.window_ms:
+            start, count = now_ms, 0
+        count += 1
+        self._seen.pop(key, None)
+        self._seen[key] = (start, count)
+        if len(self._seen) > self.max_keys:
+            self._seen.pop(next(iter(self._seen)))
+        if count < self.per_window:
+            return "log"
+        if count == self.per_window:
+            return "last"
+        self.suppressed += 1
+        return "suppress"
+
+
 class AggregatorService:
     """Runs the round machine over a transport.
 
@@ -148,6 +191,7 @@ class AggregatorService:
         self.topics = Topics(machine.config.federation)
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._kh_reassembler = Reassembler(max_payload_size=1 << 30, max_pending=8)
+        self.alerts = AlertLimiter()
         self._started = False
 
     # -- lifecycle -------------------------------------------------------------
@@ -314,14 +358,27 @@ class AggregatorService:
                     action.detail,
                 )
             elif isinstance(action, Alert):
-                self.metrics.alert(action.kind)
-                log.error(
-                    "ALERT %s: round=%s device=%s %s",
-                    action.kind,
-                    action.round_id,
-                    action.device_id,
-                    action.detail,
-                )
+                self.metrics.alert(action.kind)  # every event is counted
+                verdict = self.alerts.admit(action.kind, action.device_id, self.clock_ms())
+                if verdict == "log":
+                    log.error(
+                        "ALERT %s: round=%s device=%s %s",
+                        action.kind,
+                        action.round_id,
+                        action.device_id,
+                        action.detail,
+                    )
+                elif verdict == "last":
+                    log.error(
+                        "ALERT %s: round=%s device=%s %s (further %s alerts from this "
+                        "device are counted in metrics, not logged, for %d s)",
+                        action.kind,
+                        action.round_id,
+                        action.device_id,
+                        action.detail,
+                        action.kind,
+                        self.alerts.window_ms // 1000,
+                    )
             elif isinstance(action, RequestDecryption):
                 self._request_decryption(action)
 

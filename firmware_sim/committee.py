@@ -22,10 +22,12 @@ from typing import Any, ClassVar
 
 from aggregator.committee import CommitteeManifest, CommitteeVerifier, HolderInfo
 from aggregator.keyholder import KeyHolder
+from aggregator.keyholder_config import PolicyTerms
 from aggregator.threshold import Ceremony, ceremony
-from edge_sdk.crypto import PaillierPublicKey
+from edge_sdk.crypto import DJNBase, PaillierPublicKey
 from edge_sdk.errors import EdgeFLError
 from edge_sdk.identity import DeviceIdentity, DeviceRegistry
+from edge_sdk.policy import FederationPolicy
 
 __all__ = ["CommitteeProcesses", "InMemoryCommittee", "MemberProcess"]
 
@@ -193,6 +195,7 @@ class InMemoryCommittee:
     """
 
     _cache: ClassVar[dict[tuple[int, int, int, tuple[int, int] | None], Ceremony]] = {}
+    _bases: ClassVar[dict[str, DJNBase]] = {}
 
     def __init__(
         self,
@@ -236,6 +239,42 @@ class InMemoryCommittee:
     def verifier(self) -> CommitteeVerifier:
         """The aggregator's verifier for this committee."""
         return CommitteeVerifier(self.manifest)
+
+    def policy(self, terms: PolicyTerms | None = None) -> FederationPolicy:
+        """A federation policy for this committee, signed by every member.
+
+        The DJN base is drawn once per ceremony (in this process) and reused.
+        """
+        terms = terms or PolicyTerms()
+        base = None
+        if terms.binding:
+            base = self._bases.get(self.ceremony.committee.fingerprint)
+            if base is None:
+                base = DJNBase.generate(self.public_key)
+                self._bases[self.ceremony.committee.fingerprint] = base
+        policy = FederationPolicy(
+            federation=self.manifest.federation,
+            key_fingerprint=self.manifest.key_fingerprint,
+            committee_fingerprint=self.manifest.fingerprint,
+            threshold=self.manifest.threshold,
+            holders=tuple((h.holder_id, h.public_key) for h in self.manifest.holders),
+            mode=terms.mode,
+            min_clients=terms.min_clients if terms.mode == "distributed" else 1,
+            epsilon=terms.epsilon,
+            delta=terms.delta,
+            rounds=terms.rounds,
+            max_clip=terms.max_clip,
+            djn_base=base,
+        )
+        for ident in self.identities:
+            policy = policy.signed_by(ident)
+        return policy
+
+    def approve_all(self, registry: DeviceRegistry) -> None:
+        """Every member approves every active device of ``registry`` (a simulation shortcut)."""
+        for device_id in registry.active_ids():
+            for ident in self.identities:
+                registry.approve(device_id, ident)
 
     def members(
         self, registry: DeviceRegistry, *, min_clients: int, **kwargs: Any
