@@ -19,10 +19,12 @@ from edge_sdk.models.linear import LinearRegression, LogisticRegression, Softmax
 from edge_sdk.models.onnx_autodiff import (
     LOSSES,
     SUPPORTED_OPERATORS,
+    UntrainableWeightError,
     build_training_graph,
     grad_output_name,
 )
 from edge_sdk.models.onnx_model import OnnxModel
+from edge_sdk.models.torch_export import export_torch
 
 __all__ = [
     "LOSSES",
@@ -35,8 +37,10 @@ __all__ = [
     "SoftmaxRegression",
     "TrainConfig",
     "TrainReport",
+    "UntrainableWeightError",
     "WeightLayout",
     "WeightSpec",
     "build_training_graph",
+    "export_torch",
     "grad_output_name",
 ]

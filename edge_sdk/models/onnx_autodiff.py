@@ -17,16 +17,18 @@ The training graph has these inputs and outputs:
   ``grad_output_name(w)`` for each trainable weight ``w`` in order.
 
 Differentiable operator set (default ONNX domain, opset >= 13; older models
-are converted to opset 17 first): Add, Sub, Mul, Div, Neg, Exp, Log, Gemm,
-MatMul (operands of rank >= 2), Relu, LeakyRelu, Sigmoid, Tanh, Softmax,
-LogSoftmax, Flatten, Reshape, Squeeze, Unsqueeze, Transpose, Concat, Identity,
-Dropout (inference: identity), Conv (any spatial rank, strides, pads,
-auto_pad, dilations, groups), MaxPool, AveragePool (``ceil_mode=0``),
-GlobalAveragePool, BatchNormalization (frozen running statistics). Any
-operator is allowed where no gradient has to flow through it (shape
-arithmetic, constants, a preprocessing step on the input); an operator on the
-gradient path outside the set raises :class:`UnsupportedOperatorError` naming
-the node.
+are converted to opset 17 first): see :data:`SUPPORTED_OPERATORS` and
+docs/models.md. Compound operators (Gelu, LayerNormalization, training-mode
+BatchNormalization, GRU, LSTM) are first rewritten into primitives by
+:mod:`edge_sdk.models.onnx_decompose`. Any operator is allowed where no
+gradient has to flow through it (shape arithmetic, constants, a preprocessing
+step on the input).
+
+Every initializer gets one role (see :func:`plan_graph`): trainable, frozen
+(the caller said so) or constant (non-float, structural, exporter- or
+caller-marked). A weight that is none of these and cannot receive a gradient
+raises :class:`UntrainableWeightError` naming it and the nodes in the way; no
+weight is silently left untrained.
 
 Losses: ``"mse"`` (mean over all output elements), ``"softmax_cross_entropy"``
 (mean over the batch; the model output holds logits of shape ``(N, C)``) and
@@ -44,6 +46,8 @@ Dropout never drops during training.
 
 from __future__ import annotations
 
+import fnmatch
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,23 +58,47 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_sdk.errors import ModelError, UnsupportedOperatorError
+from edge_sdk.models.onnx_decompose import decompose
+
+
+class UntrainableWeightError(UnsupportedOperatorError):
+    """A weight cannot receive a gradient and was neither frozen nor marked constant.
+
+    Attributes:
+        blocked: weight name -> descriptions of the nodes in the way.
+    """
+
+    def __init__(self, message: str, *, blocked: dict[str, list[str]]) -> None:
+        super().__init__(message)
+        self.blocked = blocked
+
 
 __all__ = [
     "LOSSES",
     "LOSS_OUTPUT",
     "SUPPORTED_OPERATORS",
+    "FROZEN_METADATA_KEY",
     "TARGET_INPUT",
+    "TRAINABLE_METADATA_KEY",
     "GraphPlan",
+    "UntrainableWeightError",
     "build_eval_graph",
     "build_training_graph",
     "grad_output_name",
     "plan_graph",
+    "state_output_name",
     "weights_as_inputs",
 ]
 
 TARGET_INPUT = "edgefl_target"
 LOSS_OUTPUT = "edgefl_loss"
 _GRAD_PREFIX = "edgefl_grad__"
+_STATE_PREFIX = "edgefl_state__"
+
+#: Model metadata key holding the JSON list of parameter names (written by export_torch).
+TRAINABLE_METADATA_KEY = "edgefl.trainable"
+#: Model metadata key holding the JSON list of parameters to keep fixed.
+FROZEN_METADATA_KEY = "edgefl.frozen"
 
 LOSSES = ("mse", "softmax_cross_entropy", "binary_cross_entropy")
 
@@ -108,7 +136,28 @@ _DIFF_SLOTS: dict[str, tuple[int, ...] | None] = {
     "AveragePool": (0,),
     "GlobalAveragePool": (0,),
     "BatchNormalization": (0, 1, 2),
+    "Erf": (0,),
+    "Sqrt": (0,),
+    "Reciprocal": (0,),
+    "Pow": (0, 1),
+    "Abs": (0,),
+    "Clip": (0,),
+    "ReduceMean": (0,),
+    "ReduceSum": (0,),
+    "ReduceMax": (0,),
+    "Gather": (0,),
+    "Split": (0,),
+    "Slice": (0,),
+    "Expand": (0,),
+    "Where": (1, 2),
+    "Cast": (0,),
+    "Sum": None,
+    "Max": None,
+    "Min": None,
 }
+
+#: Operators whose gradient rule needs the gradients of every output.
+_MULTI_OUTPUT = frozenset({"Split"})
 
 #: Operators the backward pass can differentiate.
 SUPPORTED_OPERATORS: frozenset[str] = frozenset(_DIFF_SLOTS)
@@ -122,6 +171,11 @@ _FLOAT_TYPES: dict[int, type[np.floating[Any]]] = {
 def grad_output_name(weight: str) -> str:
     """Return the training-graph output that carries the gradient of ``weight``."""
     return _GRAD_PREFIX + weight
+
+
+def state_output_name(name: str) -> str:
+    """Return the training-graph output carrying the updated value of state ``name``."""
+    return _STATE_PREFIX + name
 
 
 def _diff_slots(op: str, n_inputs: int) -> tuple[int, ...]:
@@ -164,6 +218,14 @@ class GraphPlan:
         output_is_probability: the output is a Sigmoid or Softmax probability.
         loss: the loss name.
         trainable: trainable initializer names, in initializer order.
+        frozen: float initializers kept fixed because the caller said so.
+        constants: initializers that are not parameters (non-float tensors,
+            structural inputs such as running statistics, exporter-marked or
+            caller-marked constants).
+        state_inputs: non-trained initializers fed as graph inputs (running
+            statistics), in this order.
+        state_updates: state input -> tensor with its value after a training
+            step (the training graph outputs it as ``state_output_name``).
         shapes: static shape of every trainable weight.
         elem_type: the ONNX float element type of the model (FLOAT or DOUBLE).
         target_elem_type: element type of :data:`TARGET_INPUT`.
@@ -177,13 +239,17 @@ class GraphPlan:
     output_is_probability: bool
     loss: str
     trainable: tuple[str, ...]
+    frozen: tuple[str, ...]
+    constants: tuple[str, ...]
+    state_inputs: tuple[str, ...]
+    state_updates: dict[str, str]
     shapes: dict[str, tuple[int, ...]]
     elem_type: int
     target_elem_type: int
     target_dims: tuple[int | None, ...]
 
 
-def _prepare_model(model: onnx.ModelProto) -> onnx.ModelProto:
+def _prepare_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, str]]:
     if not isinstance(model, onnx.ModelProto):
         raise TypeError(f"expected an onnx.ModelProto, got {type(model).__name__}")
     opset = _default_opset(model)
@@ -194,6 +260,19 @@ def _prepare_model(model: onnx.ModelProto) -> onnx.ModelProto:
             raise ModelError(
                 f"cannot convert the model from opset {opset} to {_CONVERT_TO}: {exc}"
             ) from exc
+    inferred = _infer(model)
+    types = _type_table(inferred.graph)
+    out_elem = (
+        types.get(inferred.graph.output[0].name, (0, None))[0] if inferred.graph.output else 0
+    )
+    elem = out_elem if out_elem in _FLOAT_TYPES else int(TensorProto.FLOAT)
+    rewritten, state = decompose(inferred, {k: v[1] for k, v in types.items()}, elem)
+    if rewritten is inferred:
+        return inferred, {}
+    return _infer(rewritten), state
+
+
+def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         return onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception as exc:
@@ -222,28 +301,40 @@ def plan_graph(
     loss: str = "softmax_cross_entropy",
     *,
     output: str | None = None,
+    frozen: Sequence[str] | None = None,
+    constants: Sequence[str] | None = None,
+    state: Sequence[str] | None = None,
 ) -> GraphPlan:
     """Check a model and decide what the training graph will look like.
 
     Args:
         model: an inference model (float32 or float64).
-        trainable: initializer names to train; None selects every float
-            initializer that feeds a differentiable input of a supported
-            operator (so BatchNormalization running statistics and shape
-            constants are never trained).
+        trainable: initializer names or glob patterns to train; None uses
+            the list written by :func:`~edge_sdk.models.export_torch` (model
+            metadata :data:`TRAINABLE_METADATA_KEY`) when present, else every
+            float initializer that can receive a gradient.
         loss: one of :data:`LOSSES`.
         output: the graph output the loss applies to (default: the first).
+        frozen: names or glob patterns of weights to keep fixed.
+        constants: names or glob patterns of initializers that are constants
+            (not parameters at all, e.g. ``1/sqrt(d)`` stored by an exporter).
+        state: initializers to turn into graph inputs although they are not
+            trained (running statistics the caller keeps up to date).
 
     Returns:
         A :class:`GraphPlan`.
 
     Raises:
+        UntrainableWeightError: a weight that is neither frozen nor a constant
+            cannot receive a gradient (the message names the weight and the
+            operators in the way).
         ModelError: invalid loss, output, dtype or trainable selection.
     """
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}. Found {loss!r}")
-    prepared = _prepare_model(model)
+    prepared, state_updates = _prepare_model(model)
     graph = prepared.graph
+    state_names = list(dict.fromkeys([*state_updates, *(state or [])]))
     types = _type_table(graph)
     inits = {t.name: t for t in graph.initializer}
     data_inputs = tuple(vi.name for vi in graph.input if vi.name not in inits)
@@ -287,32 +378,18 @@ def plan_graph(
                     "that is not a constant false; export the model in inference mode"
                 )
 
-    candidates: list[str] = []
-    differentiable_use: set[str] = set()
-    for node in graph.node:
-        if node.domain not in ("", "ai.onnx") or node.op_type not in SUPPORTED_OPERATORS:
-            continue
-        for slot in _diff_slots(node.op_type, len(node.input)):
-            differentiable_use.add(node.input[slot])
-    for init in graph.initializer:
-        if init.data_type == elem and init.name in differentiable_use:
-            candidates.append(init.name)
-    if trainable is None:
-        chosen = candidates
-    else:
-        if isinstance(trainable, str):
-            raise TypeError("trainable must be a sequence of names, not a string")
-        chosen_set = list(dict.fromkeys(trainable))
-        for name in chosen_set:
-            if name not in inits:
-                raise ModelError(f"trainable weight {name!r} is not an initializer of the model")
-            if name not in candidates:
-                raise ModelError(
-                    f"initializer {name!r} cannot be trained: it is not a "
-                    f"{TensorProto.DataType.Name(elem)} tensor feeding a differentiable input"
-                )
-        order = {n: i for i, n in enumerate(candidates)}
-        chosen = sorted(chosen_set, key=order.__getitem__)
+    roles = _classify(
+        graph,
+        elem,
+        logits,
+        trainable=trainable,
+        frozen=frozen,
+        constants=constants,
+        metadata=_metadata_trainable(model),
+        metadata_frozen=_metadata_trainable(model, FROZEN_METADATA_KEY) or [],
+        state=state_names,
+    )
+    chosen = list(roles.trainable)
     if not chosen:
         raise ModelError("the model has no trainable weights")
     shapes = {n: tuple(int(d) for d in inits[n].dims) for n in chosen}
@@ -339,10 +416,232 @@ def plan_graph(
         output_is_probability=is_prob,
         loss=loss,
         trainable=tuple(chosen),
+        frozen=roles.frozen,
+        constants=roles.constants,
+        state_inputs=tuple(state_names),
+        state_updates=state_updates,
         shapes=shapes,
         elem_type=elem,
         target_elem_type=target_elem,
         target_dims=target_dims,
+    )
+
+
+# Input slots that hold structural constants (never parameters) of supported operators.
+_CONSTANT_SLOTS: dict[str, tuple[int, ...]] = {
+    "BatchNormalization": (3, 4),
+    "Reshape": (1,),
+    "Dropout": (1, 2),
+    "Squeeze": (1,),
+    "Unsqueeze": (1,),
+    "Clip": (1, 2),
+    "ReduceMean": (1,),
+    "ReduceSum": (1,),
+    "ReduceMax": (1,),
+    "Split": (1,),
+    "Expand": (1,),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class _Roles:
+    trainable: tuple[str, ...]
+    frozen: tuple[str, ...]
+    constants: tuple[str, ...]
+
+
+def _metadata_trainable(
+    model: onnx.ModelProto, key: str = TRAINABLE_METADATA_KEY
+) -> list[str] | None:
+    for prop in model.metadata_props:
+        if prop.key == key:
+            try:
+                names = json.loads(prop.value)
+            except ValueError as exc:
+                raise ModelError(f"metadata {TRAINABLE_METADATA_KEY!r} is not JSON: {exc}") from exc
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise ModelError(f"metadata {TRAINABLE_METADATA_KEY!r} must be a list of names")
+            return names
+    return None
+
+
+def _match(patterns: Sequence[str] | None, names: Sequence[str], what: str) -> list[str]:
+    """Names matched by ``patterns`` (exact names or globs), in ``names`` order."""
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        raise TypeError(f"{what} must be a sequence of names, not a string")
+    hit: set[str] = set()
+    for pattern in patterns:
+        found = [n for n in names if n == pattern or fnmatch.fnmatchcase(n, pattern)]
+        if not found:
+            raise ModelError(f"{what} entry {pattern!r} matches no initializer of the model")
+        hit.update(found)
+    return [n for n in names if n in hit]
+
+
+def _weight_paths(
+    graph: onnx.GraphProto, elem: int, logits: str, types: dict[str, tuple[int, Dims | None]]
+) -> tuple[dict[str, list[str]], set[str], set[str]]:
+    """Trace every float initializer towards the loss.
+
+    Returns:
+        (blockers, reaching, structural): per initializer the nodes on a path
+        to the loss that no gradient can cross; initializers that reach the
+        loss through differentiable inputs only; initializers used only in
+        structural-constant slots.
+    """
+    to_loss: set[str] = {logits}
+    for node in reversed(graph.node):
+        if any(o in to_loss for o in node.output):
+            to_loss.update(i for i in node.input if i)
+    floats = [t.name for t in graph.initializer if t.data_type == elem]
+    blockers: dict[str, list[str]] = {}
+    reaching: set[str] = set()
+    structural: set[str] = set()
+    for w in floats:
+        direct = [
+            (node, s) for node in graph.node for s, name in enumerate(node.input) if name == w
+        ]
+        if direct and all(
+            node.domain in ("", "ai.onnx")
+            and node.op_type in SUPPORTED_OPERATORS
+            and s in _constant_slots(node)
+            for node, s in direct
+        ):
+            structural.add(w)
+            continue
+        deps = {w}
+        found: list[str] = []
+        for index, node in enumerate(graph.node):
+            slots = [s for s, name in enumerate(node.input) if name and name in deps]
+            if not slots:
+                continue
+            float_out = [o for o in node.output if o and types.get(o, (0, None))[0] in _FLOAT_TYPES]
+            if not float_out:
+                continue  # integer results (Shape, ArgMax...) carry no gradient
+            supported = node.domain in ("", "ai.onnx") and node.op_type in SUPPORTED_OPERATORS
+            diff = set(_diff_slots(node.op_type, len(node.input))) if supported else set()
+            const = set(_constant_slots(node)) if supported else set()
+            if all(s in diff or s in const for s in slots):
+                if any(s in diff for s in slots):
+                    deps.update(float_out)
+            elif any(o in to_loss for o in node.output):
+                why = "" if supported else f" [operator {node.op_type!r} is not differentiable]"
+                found.append(_node_label(node, index) + why)
+        if found:
+            blockers[w] = found
+        elif logits in deps:
+            reaching.add(w)
+    return blockers, reaching, structural
+
+
+def _constant_slots(node: onnx.NodeProto) -> tuple[int, ...]:
+    return _CONSTANT_SLOTS.get(node.op_type, ())
+
+
+def _bn_training(node: onnx.NodeProto) -> bool:
+    return bool(int(_attrs(node).get("training_mode", 0)))
+
+
+def _classify(
+    graph: onnx.GraphProto,
+    elem: int,
+    logits: str,
+    *,
+    trainable: Sequence[str] | None,
+    frozen: Sequence[str] | None,
+    constants: Sequence[str] | None,
+    metadata: list[str] | None,
+    metadata_frozen: Sequence[str] = (),
+    state: Sequence[str] = (),
+) -> _Roles:
+    """Give every initializer one role: trainable, frozen or constant."""
+    types = _type_table(graph)
+    names = [t.name for t in graph.initializer]
+    floats = [t.name for t in graph.initializer if t.data_type == elem]
+    blockers, _reaching, structural = _weight_paths(graph, elem, logits, types)
+    differentiable_use: set[str] = set()
+    for node in graph.node:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in SUPPORTED_OPERATORS:
+            continue
+        for slot in _diff_slots(node.op_type, len(node.input)):
+            differentiable_use.add(node.input[slot])
+    capable = [
+        n for n in floats if n in differentiable_use and n not in blockers and n not in structural
+    ]
+    marked_const = set(_match(constants, names, "constants"))
+    marked_frozen = set(_match(frozen, names, "frozen"))
+    marked_const |= set(state)
+    both = marked_const & marked_frozen
+    if both:
+        raise ModelError(f"initializers {sorted(both)} are listed as both frozen and constant")
+    if metadata is not None:
+        unknown = [n for n in metadata if n not in names]
+        if unknown:
+            raise ModelError(
+                f"metadata {TRAINABLE_METADATA_KEY!r} names {unknown}, which are not "
+                "initializers of the model"
+            )
+        params = set(metadata) | set(metadata_frozen)
+        marked_const |= {n for n in names if n not in params}
+        if trainable is None:
+            marked_frozen |= {n for n in metadata_frozen if n in names}
+    if trainable is not None:
+        requested = set(_match(trainable, names, "trainable"))
+    elif metadata is not None:
+        requested = set(metadata) - marked_frozen - set(_match(constants, names, "constants"))
+    else:
+        requested = None
+    if requested is not None:
+        clash = requested & (marked_frozen | set(_match(constants, names, "constants")))
+        if clash:
+            raise ModelError(f"initializers {sorted(clash)} are listed as trainable and fixed")
+        ordered = sorted(requested, key=names.index)
+        blocked = {name: blockers[name] for name in ordered if name in blockers}
+        if blocked:
+            raise _untrainable(blocked)
+        for name in ordered:
+            if name not in capable:
+                raise ModelError(
+                    f"initializer {name!r} cannot be trained: it is not a "
+                    f"{TensorProto.DataType.Name(elem)} tensor feeding a differentiable input"
+                )
+        chosen = [n for n in floats if n in requested]
+    else:
+        chosen = [n for n in capable if n not in marked_const and n not in marked_frozen]
+        fixed_marks = marked_const | marked_frozen
+        bad = {n: blockers[n] for n in floats if n in blockers and n not in fixed_marks}
+        if bad:
+            raise _untrainable(bad)
+    chosen_set = set(chosen)
+    fixed = [n for n in names if n not in chosen_set]
+    frozen_names = tuple(
+        n
+        for n in fixed
+        if n in marked_frozen
+        or (n not in marked_const and n in floats and (n in capable or n in blockers))
+    )
+    frozen_set = set(frozen_names)
+    return _Roles(
+        trainable=tuple(chosen),
+        frozen=frozen_names,
+        constants=tuple(n for n in fixed if n not in frozen_set),
+    )
+
+
+def _untrainable(blocked: dict[str, list[str]]) -> UntrainableWeightError:
+    lines = [
+        f"weight {w!r} cannot receive a gradient: " + "; ".join(nodes)
+        for w, nodes in blocked.items()
+    ]
+    names = list(blocked)
+    return UntrainableWeightError(
+        "\n".join(lines)
+        + f"\nPass frozen={names!r} to keep them fixed (or constants= if they are not "
+        "parameters), or replace the operators; supported: "
+        + ", ".join(sorted(SUPPORTED_OPERATORS)),
+        blocked=blocked,
     )
 
 
@@ -421,6 +720,16 @@ class _Differentiator:
         taken |= {node.name for node in graph.node}
         self.b = _Builder(taken, plan.elem_type)
         self.label = ""
+        self.grads_out: list[str | None] = []
+        self.opset = _default_opset(plan.model)
+        self.consts: dict[str, np.ndarray[Any, Any]] = {
+            t.name: numpy_helper.to_array(t) for t in graph.initializer
+        }
+        for node in graph.node:
+            if node.op_type == "Constant" and node.output:
+                for a in node.attribute:
+                    if a.name == "value":
+                        self.consts[node.output[0]] = numpy_helper.to_array(a.t)
 
     # -- shape helpers ---------------------------------------------------
     def dims(self, name: str) -> Dims:
@@ -522,7 +831,8 @@ class _Differentiator:
             if not any(o in pending for o in node.output):
                 continue
             grads_out = [self._total(pending.pop(o)) if o in pending else None for o in node.output]
-            if grads_out[0] is None:
+            self.grads_out = grads_out
+            if grads_out[0] is None and node.op_type not in _MULTI_OUTPUT:
                 continue  # only a secondary output (e.g. a Dropout mask) is used
             wanted = [bool(name) and name in requires for name in node.input]
             if not any(wanted):
@@ -542,8 +852,7 @@ class _Differentiator:
                         "but is not differentiable"
                     )
             rule = getattr(self, f"_grad_{node.op_type}")
-            grad_y = grads_out[0]
-            assert grad_y is not None
+            grad_y = grads_out[0] if grads_out[0] is not None else ""
             grads_in: list[str | None] = rule(node, grad_y, wanted)
             for slot, g in enumerate(grads_in):
                 if g is not None and wanted[slot]:
@@ -863,6 +1172,200 @@ class _Differentiator:
         )
         return [b.op1("Mul", [b.op1("Expand", [g, b.shape(x)]), ratio])]
 
+    # -- elementwise math added for exported PyTorch models ------------------
+    def _grad_Erf(self, node: onnx.NodeProto, g: str, want: list[bool]) -> list[str | None]:
+        b = self.b
+        x = node.input[0]
+        bell = b.op1("Exp", [b.op1("Neg", [b.op1("Mul", [x, x])])])
+        return [b.op1("Mul", [g, b.op1("Mul", [bell, b.f(2.0 / math.sqrt(math.pi))])])]
+
+    def _grad_Sqrt(self, node: onnx.NodeProto, g: str, want: list[bool]) -> list[str | None]:
+        b = self.b
+        return [b.op1("Div", [g, b.op1("Mul", [node.output[0], b.f(2.0)])])]
+
+    def _grad_Reciprocal(self, node: onnx.NodeProto, g: str, want: list[bool]) -> list[str | None]:
+        b = self.b
+        y = node.output[0]
+        return [b.op1("Neg", [b.op1("Mul", [g, b.op1("Mul", [y, y])])])]
+
+    def _grad_Abs(self, node: onnx.NodeProto, g: str, want: list[bool]) -> list[str | None]:
+        return [self.b.op1("Mul", [g, self.b.op1("Sign", [node.input[0]])])]
+
+    def _grad_Pow(self, node: onnx.NodeProto, g: str, want: list[bool]) -> list[str | None]:
+        b = self.b
+        x, p = node.input[0], node.input[1]
+        y = node.output[0]
+        if self.types.get(p, (0, None))[0] != self.plan.elem_type:
+            p = b.cast_float(p)
+        ga = gb = None
+        if want[0]:
+            lower = b.op1("Pow", [x, b.op1("Sub", [p, b.f(1.0)])])
+            ga = b.op1("Mul", [g, b.op1("Mul", [p, lower])])
+        if want[1]:
+            gb = b.op1("Mul", [g, b.op1("Mul", [y, b.op1("Log", [x])])])
+        return self._binary(node, ga, gb, want)
+
+    def _grad_Cast(self, node: onnx.NodeProto, g: str, want: list[bool]) -> list[str | None]:
+        src = self.types.get(node.input[0], (0, None))[0]
+        if src not in _FLOAT_TYPES:
+            return [None]
+        return [self.b.op1("Cast", [g], to=src)]
+
+    def _grad_Clip(self, node: onnx.NodeProto, g: str, want: list[bool]) -> list[str | None]:
+        b = self.b
+        x = node.input[0]
+        inside: str | None = None
+        bounds = [(1, "Greater"), (2, "Less")]
+        for slot, op in bounds:
+            if len(node.input) > slot and node.input[slot]:
+                test = b.op1(op, [x, node.input[slot]])
+                inside = test if inside is None else b.op1("And", [inside, test])
+        if inside is None:
+            return [g, None, None][: len(node.input)]
+        return [b.op1("Where", [inside, g, b.f(0.0)])] + [None] * (len(node.input) - 1)
+
+    def _grad_Where(self, node: onnx.NodeProto, g: str, want: list[bool]) -> list[str | None]:
+        b = self.b
+        cond = node.input[0]
+        out_dims = self.dims(node.output[0])
+        out: list[str | None] = [None, None, None]
+        if want[1]:
+            out[1] = self.reduce_to(b.op1("Where", [cond, g, b.f(0.0)]), out_dims, node.input[1])
+        if want[2]:
+            out[2] = self.reduce_to(b.op1("Where", [cond, b.f(0.0), g]), out_dims, node.input[2])
+        return out
+
+    def _grad_Expand(self, node: onnx.NodeProto, g: str, want: list[bool]) -> list[str | None]:
+        return [self.reduce_to(g, self.dims(node.output[0]), node.input[0]), None]
+
+    def _grad_Sum(self, node: onnx.NodeProto, g: str, want: list[bool]) -> list[str | None]:
+        out_dims = self.dims(node.output[0])
+        return [
+            self.reduce_to(g, out_dims, x) if w else None
+            for x, w in zip(node.input, want, strict=True)
+        ]
+
+    def _grad_minmax(self, node: onnx.NodeProto, g: str, want: list[bool]) -> list[str | None]:
+        b = self.b
+        y = node.output[0]
+        out_dims = self.dims(y)
+        hits = [b.cast_float(b.op1("Equal", [x, y])) for x in node.input]
+        count = hits[0] if len(hits) == 1 else b.op1("Sum", hits)
+        share = b.op1("Div", [g, count])  # ties share the gradient, like PyTorch
+        return [
+            self.reduce_to(b.op1("Mul", [share, h]), out_dims, x) if w else None
+            for x, h, w in zip(node.input, hits, want, strict=True)
+        ]
+
+    _grad_Max = _grad_minmax
+    _grad_Min = _grad_minmax
+
+    # -- reductions ------------------------------------------------------------
+    def _const_ints(self, name: str, what: str) -> list[int]:
+        value = self.consts.get(name)
+        if value is None:
+            raise UnsupportedOperatorError(f"{self.label}: {what} must be a constant")
+        return [int(v) for v in np.asarray(value).reshape(-1)]
+
+    def _reduce_axes(self, node: onnx.NodeProto, rank: int) -> list[int]:
+        at = _attrs(node)
+        axes: list[int] | None = None
+        if "axes" in at:
+            axes = [int(a) for a in at["axes"]]
+        elif len(node.input) > 1 and node.input[1]:
+            axes = self._const_ints(node.input[1], "axes")
+        if not axes:
+            if int(at.get("noop_with_empty_axes", 0)):
+                return []
+            return list(range(rank))
+        return sorted(a % rank for a in axes)
+
+    def _reduce_back(self, node: onnx.NodeProto, g: str) -> tuple[str, str]:
+        """Return (gradient broadcast to the input shape, kept-dims output)."""
+        b = self.b
+        x, y = node.input[0], node.output[0]
+        rank = len(self.dims(x))
+        axes = self._reduce_axes(node, rank)
+        keep = int(_attrs(node).get("keepdims", 1))
+        gk, yk = g, y
+        if not keep and axes:
+            gk = b.op1("Unsqueeze", [g, b.i64(axes)])
+            yk = b.op1("Unsqueeze", [y, b.i64(axes)])
+        return b.op1("Expand", [gk, b.shape(x)]), yk
+
+    def _grad_ReduceSum(self, node: onnx.NodeProto, g: str, want: list[bool]) -> list[str | None]:
+        return [self._reduce_back(node, g)[0]] + [None] * (len(node.input) - 1)
+
+    def _grad_ReduceMean(self, node: onnx.NodeProto, g: str, want: list[bool]) -> list[str | None]:
+        b = self.b
+        spread, _ = self._reduce_back(node, g)
+        ratio = b.op1(
+            "Div",
+            [
+                b.cast_float(b.op1("Size", [node.output[0]])),
+                b.cast_float(b.op1("Size", [node.input[0]])),
+            ],
+        )
+        return [b.op1("Mul", [spread, ratio])] + [None] * (len(node.input) - 1)
+
+    def _grad_ReduceMax(self, node: onnx.NodeProto, g: str, want: list[bool]) -> list[str | None]:
+        b = self.b
+        x = node.input[0]
+        spread, yk = self._reduce_back(node, g)
+        hits = b.cast_float(b.op1("Equal", [x, yk]))
+        rank = len(self.dims(x))
+        axes = self._reduce_axes(node, rank)
+        count = b.op1("ReduceSum", [hits, b.i64(axes)], keepdims=1) if axes else hits
+        share = b.op1("Div", [hits, count])  # ties share the gradient, like torch.amax
+        return [b.op1("Mul", [spread, share])] + [None] * (len(node.input) - 1)
+
+    # -- indexing ----------------------------------------------------------------
+    def _scatter_flat(self, x: str, index_of_out: str, g: str) -> str:
+        """Scatter-add ``g`` into zeros shaped like ``x`` at flat positions ``index_of_out``."""
+        b = self.b
+        size = b.op1("Reshape", [b.op1("Size", [x]), b.i64([1])])
+        zeros = b.op1(
+            "ConstantOfShape", [size], value=numpy_helper.from_array(np.zeros(1, dtype=b.np_dtype))
+        )
+        idx = b.op1("Reshape", [index_of_out, b.i64([-1])])
+        flat_g = b.op1("Reshape", [g, b.i64([-1])])
+        scattered = b.op1("ScatterElements", [zeros, idx, flat_g], axis=0, reduction="add")
+        return b.op1("Reshape", [scattered, b.shape(x)])
+
+    def _positions(self, x: str) -> str:
+        """An int64 tensor shaped like ``x`` holding each element's flat index."""
+        b = self.b
+        n = b.op1("Reshape", [b.op1("Size", [x]), b.i64([])])
+        zero = b.op1("Reshape", [b.i64([0]), b.i64([])])
+        one = b.op1("Reshape", [b.i64([1]), b.i64([])])
+        return b.op1("Reshape", [b.op1("Range", [zero, n, one]), b.shape(x)])
+
+    def _grad_Gather(self, node: onnx.NodeProto, g: str, want: list[bool]) -> list[str | None]:
+        b = self.b
+        x = node.input[0]
+        axis = int(_attrs(node).get("axis", 0))
+        picked = b.op1("Gather", [self._positions(x), node.input[1]], axis=axis)
+        return [self._scatter_flat(x, picked, g), None]
+
+    def _grad_Slice(self, node: onnx.NodeProto, g: str, want: list[bool]) -> list[str | None]:
+        x = node.input[0]
+        picked = self.b.op1("Slice", [self._positions(x), *node.input[1:]])
+        return [self._scatter_flat(x, picked, g)] + [None] * (len(node.input) - 1)
+
+    def _grad_Split(self, node: onnx.NodeProto, g: str, want: list[bool]) -> list[str | None]:
+        b = self.b
+        axis = int(_attrs(node).get("axis", 0))
+        parts: list[str] = []
+        for out, grad in zip(node.output, self.grads_out, strict=True):
+            if grad is None:
+                grad = b.op1(
+                    "ConstantOfShape",
+                    [b.shape(out)],
+                    value=numpy_helper.from_array(np.zeros(1, dtype=b.np_dtype)),
+                )
+            parts.append(grad)
+        return [b.op1("Concat", parts, axis=axis)] + [None] * (len(node.input) - 1)
+
     def _grad_BatchNormalization(
         self, node: onnx.NodeProto, g: str, want: list[bool]
     ) -> list[str | None]:
@@ -935,6 +1438,11 @@ def _assemble(
         )
     for w in plan.trainable:
         inputs.append(helper.make_tensor_value_info(w, plan.elem_type, list(plan.shapes[w])))
+    init_by_name = {t.name: t for t in graph.initializer}
+    for name in plan.state_inputs:
+        t = init_by_name[name]
+        inputs.append(helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
+    # State inputs keep their initializer as a default value (an overridable input).
     inits = [t for t in graph.initializer if t.name not in trainable]
     new_graph = helper.make_graph(
         list(nodes), name, inputs, list(outputs), initializer=[*inits, *extra_inits]
@@ -957,6 +1465,8 @@ def build_training_graph(
     loss: str = "softmax_cross_entropy",
     *,
     output: str | None = None,
+    frozen: Sequence[str] | None = None,
+    constants: Sequence[str] | None = None,
 ) -> onnx.ModelProto:
     """Differentiate an inference model into a training-step graph.
 
@@ -966,6 +1476,8 @@ def build_training_graph(
             feeding a differentiable input; see :func:`plan_graph`).
         loss: ``"mse"``, ``"softmax_cross_entropy"`` or ``"binary_cross_entropy"``.
         output: model output the loss applies to (default: the first).
+        frozen: weights to keep fixed (names or glob patterns).
+        constants: initializers that are not parameters (names or globs).
 
     Returns:
         A model whose outputs are :data:`LOSS_OUTPUT` then
@@ -978,7 +1490,9 @@ def build_training_graph(
             outside :data:`SUPPORTED_OPERATORS` (the message names the node).
         ModelError: the model cannot be trained (dtype, shapes, selection).
     """
-    plan = plan_graph(model_proto, trainable, loss, output=output)
+    plan = plan_graph(
+        model_proto, trainable, loss, output=output, frozen=frozen, constants=constants
+    )
     return _training_graph_from_plan(plan)
 
 
@@ -1007,6 +1521,13 @@ def _training_graph_from_plan(plan: GraphPlan) -> onnx.ModelProto:
             )
         tail.append(helper.make_node("Identity", [g], [grad_output_name(w)]))
         outputs.append(helper.make_tensor_value_info(grad_output_name(w), plan.elem_type, shape))
+    init_by_name = {t.name: t for t in plan.model.graph.initializer}
+    for name, value in plan.state_updates.items():
+        t = init_by_name[name]
+        tail.append(helper.make_node("Identity", [value], [state_output_name(name)]))
+        outputs.append(
+            helper.make_tensor_value_info(state_output_name(name), t.data_type, list(t.dims))
+        )
     nodes = [*forward, *loss_nodes, *b.nodes, *tail]
     return _assemble(plan, nodes, b.inits, outputs, with_target=True, name="edgefl_training")
 

@@ -11,14 +11,15 @@ Trust: a model file is code-like input. Loading parses it with onnx, checks it
 with ``onnx.checker`` and bounds its size, but a hostile model can still make
 onnxruntime use a lot of memory or CPU; devices should accept models only from
 the federation (the global model arrives signed), not from arbitrary peers.
-External-data tensors (models over 2 GB) are not supported.
+External-data tensors are read by :meth:`OnnxModel.from_file` from files next
+to the model (within :data:`MAX_MODEL_BYTES`); ``from_bytes`` needs them inline.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,18 +29,28 @@ from numpy.typing import ArrayLike, NDArray
 from onnx import TensorProto, numpy_helper
 
 from edge_sdk.errors import DecodeError, ModelError
-from edge_sdk.models.base import FloatArray, SGDTrainable, WeightLayout, check_labels
+from edge_sdk.models.base import (
+    FloatArray,
+    SGDTrainable,
+    TrainConfig,
+    TrainReport,
+    WeightLayout,
+    check_labels,
+)
 from edge_sdk.models.onnx_autodiff import (
     LOSS_OUTPUT,
     TARGET_INPUT,
+    GraphPlan,
     build_eval_graph,
     grad_output_name,
     plan_graph,
+    state_output_name,
     weights_as_inputs,
 )
 from edge_sdk.models.onnx_autodiff import (
     _training_graph_from_plan as _training_graph,
 )
+from edge_sdk.models.onnx_decompose import batchnorm_to_inference
 
 __all__ = ["MAX_MODEL_BYTES", "OnnxModel"]
 
@@ -66,6 +77,39 @@ def _session(model: onnx.ModelProto, threads: int) -> Any:
         raise ModelError(f"onnxruntime rejected the {model.graph.name} graph: {exc}") from exc
 
 
+def _uses_external_data(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def _inline_external_data(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
+    """Load external-data tensors (e.g. dynamo's ``model.onnx.data``) next to ``path``."""
+    from onnx.external_data_helper import load_external_data_for_model
+
+    base = path.resolve().parent
+    total = 0
+    for tensor in model.graph.initializer:
+        if tensor.data_location != TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        target = (base / location).resolve()
+        if not location or base not in target.parents or not target.is_file():
+            raise DecodeError(
+                f"{path}: initializer {tensor.name!r} stores its data in the external file "
+                f"{location!r}, which is missing next to the model (expected {target}); "
+                "copy it there or re-export with edge_sdk.models.export_torch, which keeps "
+                "the weights inside the .onnx file"
+            )
+        total += int(info.get("length", target.stat().st_size))
+    if total > MAX_MODEL_BYTES:
+        raise DecodeError(f"{path}: external data is {total} bytes, more than {MAX_MODEL_BYTES}")
+    try:
+        load_external_data_for_model(model, str(base))
+    except Exception as exc:
+        raise DecodeError(f"{path}: cannot read its external data: {exc}") from exc
+    return model
+
+
 class OnnxModel(SGDTrainable):
     """A trainable ONNX model (float32) running on stock onnxruntime.
 
@@ -82,32 +126,52 @@ class OnnxModel(SGDTrainable):
         loss: str = "softmax_cross_entropy",
         output: str | None = None,
         threads: int = 1,
+        frozen: Sequence[str] | None = None,
+        constants: Sequence[str] | None = None,
     ) -> None:
         """Build the training graph and its onnxruntime session.
 
         Args:
             model: the inference model; it must have one data input and
                 float32 weights.
-            trainable: initializer names to train (None: all float weights
-                feeding differentiable inputs; name a subset to fine-tune a head).
+            trainable: initializer names or glob patterns to train. None: the
+                parameter list written by :func:`~edge_sdk.models.export_torch`
+                when the file has one, else every float weight that can receive
+                a gradient. Name a subset to fine-tune a head (the rest is frozen).
             loss: ``"softmax_cross_entropy"`` (integer labels),
                 ``"binary_cross_entropy"`` (0/1 targets, output = logit or
                 Sigmoid probability) or ``"mse"``.
             output: the model output to train (default: the first).
             threads: onnxruntime intra-op threads (1 is fastest for small models).
+            frozen: names or glob patterns of weights to keep fixed.
+            constants: names or glob patterns of initializers that are not
+                parameters (e.g. a ``1/sqrt(d)`` scale stored by an exporter).
+
+        Every initializer ends up trainable, frozen (the caller said so) or a
+        constant (non-float, a structural input such as BatchNormalization
+        running statistics, or marked); see :attr:`roles`.
 
         Raises:
+            UntrainableWeightError: a weight that is neither frozen nor a
+                constant cannot receive a gradient (it names the weight and
+                the nodes in the way).
             UnsupportedOperatorError: an operator on the gradient path has no
                 gradient rule (the message names the node).
             ModelError: the model is invalid or cannot be trained.
         """
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be an integer >= 1. Found {threads!r}")
+        if _uses_external_data(model):
+            raise ModelError(
+                "the model keeps its weights in an external-data file; load it with "
+                "OnnxModel.from_file (which reads the file next to the model) or export "
+                "it with edge_sdk.models.export_torch, which keeps the weights inline"
+            )
         try:
             onnx.checker.check_model(model)
         except onnx.checker.ValidationError as exc:
             raise ModelError(f"invalid ONNX model: {exc}") from exc
-        plan = plan_graph(model, trainable, loss, output=output)
+        plan = plan_graph(model, trainable, loss, output=output, frozen=frozen, constants=constants)
         if plan.elem_type != TensorProto.FLOAT:
             raise ModelError("OnnxModel trains float32 models; convert the weights to float32")
         if len(plan.data_inputs) != 1:
@@ -116,25 +180,58 @@ class OnnxModel(SGDTrainable):
             )
         self._source = onnx.ModelProto()
         self._source.CopyFrom(model)
+        self._infer_source: onnx.ModelProto
+        self._infer_plan: GraphPlan
         self._plan = plan
         self._threads = threads
         self._input = plan.data_inputs[0]
         input_vi = next(vi for vi in plan.model.graph.input if vi.name == self._input)
         in_type = input_vi.type.tensor_type
-        if in_type.elem_type != TensorProto.FLOAT:
-            raise ModelError(f"input {self._input!r} must be float32")
+        input_dtypes: dict[int, type[np.generic]] = {
+            int(TensorProto.FLOAT): np.float32,
+            int(TensorProto.INT64): np.int64,
+            int(TensorProto.INT32): np.int32,
+        }
+        if in_type.elem_type not in input_dtypes:
+            raise ModelError(
+                f"input {self._input!r} must be float32, int64 or int32 (token ids); found "
+                f"{TensorProto.DataType.Name(in_type.elem_type)}"
+            )
+        self._input_dtype = input_dtypes[in_type.elem_type]
         self._input_dims: tuple[int | None, ...] = tuple(
             d.dim_value if d.HasField("dim_value") else None for d in in_type.shape.dim
         )
         inits = {t.name: t for t in plan.model.graph.initializer}
         layout = WeightLayout.from_shapes([(n, plan.shapes[n]) for n in plan.trainable])
         self._init_storage(layout, {n: numpy_helper.to_array(inits[n]) for n in plan.trainable})
+        self._state = {
+            n: np.array(numpy_helper.to_array(inits[n]), copy=True) for n in plan.state_inputs
+        }
+        if plan.state_updates:
+            # Training uses batch statistics; evaluation, prediction and export use the
+            # running statistics kept in self._state (PyTorch's train() / eval()).
+            self._infer_source = batchnorm_to_inference(model)
+            self._infer_plan = plan_graph(
+                self._infer_source,
+                list(plan.trainable),
+                loss,
+                output=output,
+                constants=[n for n in plan.constants if n not in plan.state_updates] or None,
+                state=list(plan.state_updates),
+            )
+        else:
+            self._infer_source, self._infer_plan = self._source, plan
         self._train_session = _session(_training_graph(plan), threads)
-        self._train_outputs = [LOSS_OUTPUT, *(grad_output_name(n) for n in plan.trainable)]
+        self._train_outputs = [
+            LOSS_OUTPUT,
+            *(grad_output_name(n) for n in plan.trainable),
+            *(state_output_name(n) for n in plan.state_updates),
+        ]
         self._grad_buf = np.empty(layout.size, dtype=np.float32)
         self._grad_views = layout.split(self._grad_buf)
         self._eval_session: Any = None
         self._forward_session: Any = None
+        self._updating_state = False
 
     # -- construction helpers ------------------------------------------------
     @classmethod
@@ -172,7 +269,14 @@ class OnnxModel(SGDTrainable):
         size = p.stat().st_size
         if size > MAX_MODEL_BYTES:
             raise DecodeError(f"model file {p} is {size} bytes, more than {MAX_MODEL_BYTES}")
-        return cls.from_bytes(p.read_bytes(), trainable=trainable, loss=loss, **kwargs)
+        data = p.read_bytes()
+        try:
+            model = onnx.load_from_string(data)
+        except Exception as exc:
+            raise DecodeError(f"{p} is not an ONNX model: {exc}") from exc
+        if _uses_external_data(model):
+            model = _inline_external_data(model, p)
+        return cls(model, trainable=trainable, loss=loss, **kwargs)
 
     # -- properties ------------------------------------------------------------
     @property
@@ -185,32 +289,57 @@ class OnnxModel(SGDTrainable):
         """Name of the model's data input."""
         return self._input
 
+    @property
+    def roles(self) -> dict[str, tuple[str, ...]]:
+        """Initializer names by role: ``trainable``, ``frozen`` and ``constant``."""
+        return {
+            "trainable": self._plan.trainable,
+            "frozen": self._plan.frozen,
+            "constant": self._plan.constants,
+        }
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Number of values per role (``trainable``, ``frozen``, ``constant``)."""
+        sizes = {t.name: math.prod(t.dims) for t in self._plan.model.graph.initializer}
+        return {role: sum(sizes[n] for n in names) for role, names in self.roles.items()}
+
     def export_onnx(self) -> bytes:
         """Return the inference model with the current weights, serialized.
 
         The result keeps the original graph, opset and non-trainable
-        initializers and passes ``onnx.checker``.
+        initializers and passes ``onnx.checker``. Training-mode
+        BatchNormalization nodes are switched to inference mode, with the
+        running statistics updated by training.
         """
         model = onnx.ModelProto()
-        model.CopyFrom(self._source)
+        model.CopyFrom(self._infer_source)
         for init in model.graph.initializer:
             if init.name in self._views:
                 init.CopyFrom(numpy_helper.from_array(self._views[init.name], init.name))
+            elif init.name in self._state:
+                init.CopyFrom(numpy_helper.from_array(self._state[init.name], init.name))
         onnx.checker.check_model(model)
         return bytes(model.SerializeToString())
 
     # -- data ------------------------------------------------------------------
-    def _inputs(self, x: ArrayLike) -> NDArray[np.float32]:
+    def _inputs(self, x: ArrayLike) -> NDArray[Any]:
         arr = np.asarray(x)
         if arr.dtype == object or not (
             np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
         ):
             raise ValueError(f"x must be numeric, got dtype {arr.dtype}")
-        xs = np.ascontiguousarray(arr, dtype=np.float32)
-        if xs.ndim < 1:
+        if arr.ndim < 1:
             raise ValueError("x must have a batch axis")
-        if not np.all(np.isfinite(xs)):
-            raise ValueError("x contains NaN or infinity")
+        if self._input_dtype is not np.float32:
+            if np.issubdtype(arr.dtype, np.floating) and not (
+                np.all(np.isfinite(arr)) and np.all(arr == np.round(arr))
+            ):
+                raise ValueError(f"input {self._input!r} holds integer ids; x has fractions")
+            xs = np.ascontiguousarray(arr, dtype=self._input_dtype)
+        else:
+            xs = np.ascontiguousarray(arr, dtype=np.float32)
+            if not np.all(np.isfinite(xs)):
+                raise ValueError("x contains NaN or infinity")
         rest = self._input_dims[1:]
         if len(rest) != xs.ndim - 1 or any(
             d is not None and d != s for d, s in zip(rest, xs.shape[1:], strict=False)
@@ -275,13 +404,49 @@ class OnnxModel(SGDTrainable):
     def _batch_loss_grad(self, x: NDArray[Any], y: NDArray[Any]) -> tuple[float, FloatArray]:
         feeds: dict[str, Any] = {self._input: x, TARGET_INPUT: y}
         feeds.update(self._views)
+        feeds.update(self._state)
         try:
             results = self._train_session.run(self._train_outputs, feeds)
         except Exception as exc:
             raise ModelError(f"onnxruntime failed during a training step: {exc}") from exc
-        for name, grad in zip(self._plan.trainable, results[1:], strict=True):
+        n_grads = len(self._plan.trainable)
+        for name, grad in zip(self._plan.trainable, results[1 : 1 + n_grads], strict=True):
             self._grad_views[name][...] = grad
+        if self._updating_state:
+            for name, value in zip(self._plan.state_updates, results[1 + n_grads :], strict=True):
+                np.copyto(self._state[name], value)
         return float(results[0]), self._grad_buf
+
+    def fit(
+        self,
+        x: ArrayLike,
+        y: ArrayLike,
+        *,
+        config: TrainConfig,
+        seed: int,
+        global_weights: ArrayLike | Mapping[str, ArrayLike] | None = None,
+    ) -> TrainReport:
+        """Train in place (see :meth:`SGDTrainable.fit`).
+
+        Running statistics of training-mode BatchNormalization are updated at
+        every step like PyTorch's and restored with the weights on failure.
+        They are local state: not part of the flat vector.
+        """
+        saved = {k: v.copy() for k, v in self._state.items()}
+        self._updating_state = True
+        try:
+            return super().fit(x, y, config=config, seed=seed, global_weights=global_weights)
+        except BaseException:
+            for name, value in saved.items():
+                np.copyto(self._state[name], value)
+            raise
+        finally:
+            self._updating_state = False
+
+    @property
+    def state(self) -> dict[str, FloatArray]:
+        """Copies of the non-trained state (BatchNormalization running statistics)."""
+        return {k: v.copy() for k, v in self._state.items()}
 
     # -- evaluation ------------------------------------------------------------
     def evaluate(self, x: ArrayLike, y: ArrayLike) -> dict[str, float]:
@@ -291,13 +456,14 @@ class OnnxModel(SGDTrainable):
         if n == 0:
             raise ValueError("cannot evaluate on an empty dataset")
         if self._eval_session is None:
-            self._eval_session = _session(build_eval_graph(self._plan), self._threads)
+            self._eval_session = _session(build_eval_graph(self._infer_plan), self._threads)
         total = 0.0
         correct = 0.0
         for start in range(0, n, _EVAL_CHUNK):
             xb, yb = xs[start : start + _EVAL_CHUNK], ys[start : start + _EVAL_CHUNK]
             feeds: dict[str, Any] = {self._input: xb, TARGET_INPUT: yb}
             feeds.update(self._views)
+            feeds.update(self._state)
             loss, out = self._eval_session.run([LOSS_OUTPUT, self._plan.output], feeds)
             total += float(loss) * xb.shape[0]
             if self._plan.loss == "softmax_cross_entropy":
@@ -315,18 +481,23 @@ class OnnxModel(SGDTrainable):
         """Return the model output for each row of ``x`` (logits or probabilities)."""
         xs = self._inputs(x)
         if self._forward_session is None:
-            self._forward_session = _session(weights_as_inputs(self._plan), self._threads)
+            self._forward_session = _session(weights_as_inputs(self._infer_plan), self._threads)
         parts = []
         for start in range(0, xs.shape[0], _EVAL_CHUNK):
             feeds: dict[str, Any] = {self._input: xs[start : start + _EVAL_CHUNK]}
             feeds.update(self._views)
+            feeds.update(self._state)
             parts.append(self._forward_session.run([self._plan.output], feeds)[0])
         if not parts:
             return np.zeros((0,), dtype=np.float32)
         return np.concatenate(parts).astype(np.float32, copy=False)
 
     def __repr__(self) -> str:
+        counts = self.parameter_counts()
+        roles = self.roles
         return (
             f"OnnxModel(loss={self._plan.loss!r}, parameters={self._layout.size}, "
-            f"trainable={len(self._layout.specs)} tensors)"
+            f"trainable={len(roles['trainable'])} tensors/{counts['trainable']} values, "
+            f"frozen={len(roles['frozen'])} tensors/{counts['frozen']} values, "
+            f"constant={len(roles['constant'])} tensors/{counts['constant']} values)"
         )
