@@ -18,11 +18,17 @@ def test_bench_quick_reports_figures(tmp_path: Path) -> None:
         "raw_mulmod_per_s",
         "speedup_2_cores",
         "round_s",
+        "round_s_aggregator",
+        "holders_share_s",
         "synthetic",
     ):
         assert key in data, key
     assert data["updates_per_s"] > 0 and data["raw_mulmod_per_s"] > 0
-    assert set(data["targets"]) == {"adds_per_core_vs_raw_mulmod", "speedup_2_cores", "round_s"}
+    assert set(data["targets"]) == {
+        "adds_per_core_vs_raw_mulmod",
+        "speedup_2_cores",
+        "round_s_aggregator",
+    }
 
 
 def test_aggregator_init_writes_a_loadable_config(tmp_path: Path) -> None:
@@ -32,4 +38,5 @@ def test_aggregator_init_writes_a_loadable_config(tmp_path: Path) -> None:
     assert main(["aggregator", "init", str(target)]) == 0
     cfg = load_config(target)
     assert cfg.aggregator["federation"] == "demo" and cfg.transport["clean_start"] is False
+    assert cfg.committee["mode"] == "remote"  # a committee of key holders by default
     assert main(["aggregator", "init", str(target)]) == 2  # refuses to overwrite
