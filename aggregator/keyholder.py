@@ -112,6 +112,9 @@ class KeyHolder:
             is for ``inprocess-insecure-dev`` only, where the members share
             the aggregator's process and so cannot witness anything it does
             not show them.
+        on_stored: called with each newly stored update (and its encoded
+            bytes) before :meth:`witness` returns: the service persists it
+            there, so a restarted member still has what it witnessed.
         clock: milliseconds since the epoch (injected for tests).
     """
 
@@ -129,6 +132,7 @@ class KeyHolder:
         max_update_bytes: int = 256 << 20,
         verify_sums: bool = True,
         policy: FederationPolicy | None = None,
+        on_stored: Callable[[EncryptedUpdate, bytes], None] | None = None,
         clock: Callable[[], int] | None = None,
     ) -> None:
         """Create the member (no I/O).
@@ -181,6 +185,7 @@ class KeyHolder:
         self.witness_rounds = witness_rounds
         self.max_update_bytes = max_update_bytes
         self.verify_sums = verify_sums
+        self.on_stored = on_stored
         self._clock = clock or (lambda: int(time.time() * 1000))
         self._fingerprint = bytes.fromhex(self.public_key.fingerprint)
         # round -> digest of the one request answered for it
@@ -253,7 +258,28 @@ class KeyHolder:
             update = EncryptedUpdate.from_bytes(whole, max_size=self.max_update_bytes)
         except DecodeError:
             return "decode"
-        if update.device_id != device or update.federation != self.federation:
+        if update.device_id != device:
+            return "topic_mismatch"
+        outcome = self._witness_update(update)
+        if outcome == "stored" and self.on_stored is not None:
+            self.on_stored(update, whole)
+        return outcome
+
+    def witness_update(self, update: EncryptedUpdate) -> str:
+        """Take one whole update (a restarted member reloading what it had stored).
+
+        Returns:
+            What happened, as :meth:`witness`.
+        """
+        outcome = self._witness_update(update)
+        self._count(f"witness_{outcome}")
+        return outcome
+
+    def _witness_update(self, update: EncryptedUpdate) -> str:
+        device = update.device_id
+        if not self.registry.is_active(device):
+            return "unknown_device"
+        if update.federation != self.federation:
             return "topic_mismatch"
         if update.key_fingerprint != self._fingerprint:
             return "wrong_key"

@@ -14,7 +14,11 @@ refused, which costs the round, never privacy.
 The rounds it answered (request digests, never plaintexts) are kept in a
 small JSON state file written BEFORE the share leaves, so a member killed at
 any point and restarted never releases shares for two different sums of one
-round.
+round. Every update it stores in its witness is written (atomically, fsync)
+to ``{state}-witness/{device}/{round}.upd`` BEFORE the broker message is
+acknowledged, and reloaded (and re-verified) at start: a member killed
+mid-round loses none of the updates it had seen. Files of answered rounds
+and beyond a device's witness slots are deleted.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from edge_sdk._fs import atomic_write
 from edge_sdk.errors import DecodeError
 from edge_sdk.protocol import (
     Chunk,
+    EncryptedUpdate,
     KeyholderRequest,
     Reassembler,
     Topics,
@@ -97,6 +102,47 @@ class KeyholderService:
         self._first_asked: dict[bytes, float] = {}
         self.deferred = 0
         load_state(keyholder, state_path)
+        self.witness_dir = (
+            None if state_path is None else state_path.with_name(state_path.stem + "-witness")
+        )
+        if self.witness_dir is not None:
+            self.reloaded = self._reload_witness()
+            keyholder.on_stored = self._persist_update
+
+    def _reload_witness(self) -> int:
+        """Feed the updates stored before a restart back to the witness."""
+        assert self.witness_dir is not None
+        reloaded = 0
+        for path in sorted(self.witness_dir.glob("*/*.upd")):
+            try:
+                update = EncryptedUpdate.from_bytes(path.read_bytes(), max_size=1 << 30)
+            except (OSError, DecodeError):
+                path.unlink(missing_ok=True)  # a torn or foreign file: never trusted
+                continue
+            if self.keyholder.witness_update(update) == "stored":
+                reloaded += 1
+            else:
+                path.unlink(missing_ok=True)
+        self._prune()
+        return reloaded
+
+    def _persist_update(self, update: EncryptedUpdate, payload: bytes) -> None:
+        assert self.witness_dir is not None
+        folder = self.witness_dir / update.device_id
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        atomic_write(folder / f"{update.round_id}.upd", payload, mode=0o600)
+        kept = sorted((int(p.stem), p) for p in folder.glob("*.upd") if p.stem.isdigit())
+        for _, old in kept[: max(0, len(kept) - self.keyholder.witness_rounds)]:
+            old.unlink(missing_ok=True)
+
+    def _prune(self) -> None:
+        """Delete stored updates of rounds already answered."""
+        if self.witness_dir is None or not self.witness_dir.exists():
+            return
+        answered = max(self.keyholder.answered_rounds(), default=-1)
+        for path in self.witness_dir.glob("*/*.upd"):
+            if not path.stem.isdigit() or int(path.stem) <= answered:
+                path.unlink(missing_ok=True)
 
     def start(self, *, connect_timeout: float | None = 30.0) -> None:
         """Subscribe and connect."""
@@ -145,6 +191,7 @@ class KeyholderService:
             self._first_asked.pop(key, None)
         result = self.keyholder.handle(request)
         save_state(self.keyholder, self.state_path)
+        self._prune()
         self.publish(result.to_bytes(), round_id=result.round_id)
         log.info(
             "%s: round %d: %s (%d contributions)",

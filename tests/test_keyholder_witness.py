@@ -185,3 +185,49 @@ def test_late_witnessed_blob_lets_the_re_ask_succeed(keypair, tmp_path: Path) ->
     clock.now = 5.0
     _ask(aggregator, request)
     assert [r.status for r in results] == ["ok"]
+
+
+def test_restarted_member_reloads_what_it_witnessed(keypair, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A member killed mid-round (state on disk only) loses none of the updates it saw."""
+    pk, _ = keypair
+    fleet = Fleet.create(4, tmp_path / "registry.json")
+    committee = _support._default_committee()
+    broker = MemoryBroker()
+    state = tmp_path / "kh1" / "state.json"
+    state.parent.mkdir()
+    member = make_keyholders(committee, fleet)[0]
+    first = KeyholderService(member, broker.transport("keyholder-1"), state_path=state)
+    first.start()
+    plan = make_plan(pk, dim=DIM, min_clients=3)
+    weights = np.zeros(DIM, dtype="<f4").tobytes()
+    model = GlobalModel(
+        federation=FED,
+        version=0,
+        round_id=0,
+        parent_digest=ZERO,
+        digest=model_digest(0, ZERO, weights),
+        num_params=DIM,
+        weights=weights,
+        created_ms=0,
+    )
+    ann = build_announcement(
+        plan, federation=FED, round_id=1, model=model, issued_ms=0, deadline_ms=10**9
+    )
+    updates = [
+        make_update(ann, pk, fleet.identities[d], x)[0]
+        for d, x in zip(fleet.ids()[:3], deltas(3, DIM), strict=True)
+    ]
+    _publish_updates(broker, updates)
+    stored = sorted(p.relative_to(state.parent) for p in state.parent.rglob("*.upd"))
+    assert [str(p) for p in stored] == [f"state-witness/{u.device_id}/1.upd" for u in updates]
+    first.transport.close()  # "SIGKILL": nothing but the files survives
+    restarted = make_keyholders(committee, fleet)[0]
+    assert restarted.missing(_request(ann, updates, b"\x01")) == 3
+    second = KeyholderService(restarted, broker.transport("keyholder-1b"), state_path=state)
+    assert second.reloaded == 3
+    request = _request(ann, updates, sum_ciphertexts(pk, _vectors(pk, updates)).to_bytes())
+    assert restarted.missing(request) == 0
+    result = restarted.handle(request)
+    assert result.status == "ok"
+    second._prune()
+    assert list(state.parent.rglob("*.upd")) == []  # answered: the blobs are gone
