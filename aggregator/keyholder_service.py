@@ -153,7 +153,17 @@ class KeyholderService:
     def _on_update(self, message: InboundMessage) -> None:
         with self._lock:
             try:
-                self.keyholder.witness(message.topic, message.payload)
+                outcome = self.keyholder.witness(message.topic, message.payload)
+                if outcome not in ("stored", "partial", "duplicate"):
+                    seen = self.keyholder.counters.get(f"witness_{outcome}", 0)
+                    if seen <= 3 or seen % 1000 == 0:  # bounded: a flood logs little
+                        log.warning(
+                            "%s: ignored a message on %s: %s (%d so far)",
+                            self.keyholder.holder_id,
+                            message.topic,
+                            outcome,
+                            seen,
+                        )
             finally:
                 message.ack()
 

@@ -1,7 +1,9 @@
 """The README's real-use walkthrough, command by command, against Mosquitto.
 
-keys generate -> device enroll -> aggregator init (edited) -> aggregator serve
--> two `edgefl device run` processes -> status: two DP rounds complete.
+keys ceremony (2-of-3) -> device enroll (pinning the policy) -> keyholder
+approve (two members) -> aggregator init (edited) -> three `edgefl keyholder
+serve` processes -> aggregator serve -> two `edgefl device run` processes ->
+status: two DP rounds complete, decrypted by the committee.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 import pytest
 
 from firmware_sim.broker import MosquittoBroker
+from firmware_sim.committee import CommitteeProcesses
 
 pytestmark = pytest.mark.broker
 
@@ -25,22 +28,55 @@ pytestmark = pytest.mark.broker
 def edgefl(
     *args: str, cwd: Path, env: dict[str, str], timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "edge_sdk.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "edge_sdk.cli", *args],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:  # report what it said, not just the timeout
+        err = exc.stderr.decode() if isinstance(exc.stderr, bytes) else str(exc.stderr or "")
+        return subprocess.CompletedProcess(exc.cmd, -9, "", f"timed out after {timeout}s\n{err}")
 
 
 def test_walkthrough(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
     env = {**os.environ, "EDGEFL_KEY_PASSPHRASE": "correct horse battery", "PYTHONUNBUFFERED": "1"}
-    assert edgefl("keys", "generate", "--out", "keys", cwd=tmp_path, env=env).returncode == 0
+    ceremony = edgefl(
+        "keys",
+        "ceremony",
+        "--out",
+        "keys",
+        "--federation",
+        "demo",
+        "--holders",
+        "3",
+        "--threshold",
+        "2",
+        "--min-clients",
+        "2",
+        "--epsilon",
+        "8",
+        "--delta",
+        "1e-6",
+        "--rounds",
+        "2",
+        "--broker",
+        mosquitto.url,
+        "--json",
+        cwd=tmp_path,
+        env=env,
+    )
+    assert ceremony.returncode == 0, ceremony.stderr
+    summary = json.loads(ceremony.stdout)
+    assert not list((tmp_path / "keys").rglob("paillier_secret.json"))  # no whole key anywhere
     no_pass = {k: v for k, v in env.items() if k != "EDGEFL_KEY_PASSPHRASE"}
-    refused = edgefl("keys", "generate", "--out", "keys2", cwd=tmp_path, env=no_pass)
+    refused = edgefl(
+        "keys", "ceremony", "--out", "keys2", "--federation", "demo", cwd=tmp_path, env=no_pass
+    )
     assert refused.returncode == 2  # no passphrase and no explicit insecure mode
     for i in (1, 2):
         r = edgefl(
@@ -54,10 +90,14 @@ def test_walkthrough(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
             "registry.json",
             "--federation",
             "demo",
+            "--policy",
+            "keys/policy.json",
+            "--json",
             cwd=tmp_path,
             env=env,
         )
         assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["policy_digest"] == summary["policy_digest"]
         rng = np.random.default_rng(i)
         np.savez(
             tmp_path / f"data{i}.npz",
@@ -73,6 +113,7 @@ state_dir = "dev{i}"
 url = "{mosquitto.url}"
 [keys]
 public_key = "keys/paillier_public.json"
+policy = "keys/policy.json"
 [privacy]
 budget_epsilon = 10.0
 delta = 1e-6
@@ -82,6 +123,19 @@ features = 4
 classes = 3
 data = "data{i}.npz"
 """)
+    for holder in ("keyholder-1", "keyholder-2"):  # T = 2 members approve each enrollment
+        approved = edgefl(
+            "keyholder",
+            "approve",
+            "--config",
+            f"keys/{holder}/keyholder.toml",
+            "--registry",
+            "registry.json",
+            "--all",
+            cwd=tmp_path,
+            env=env,
+        )
+        assert approved.returncode == 0, approved.stderr
     assert edgefl("aggregator", "init", "aggregator.toml", cwd=tmp_path, env=env).returncode == 0
     ident = edgefl(
         "aggregator", "identity", "--config", "aggregator.toml", "--json", cwd=tmp_path, env=env
@@ -101,18 +155,18 @@ data = "data{i}.npz"
         ("min_clients = 10 ", "min_clients = 2 "),
         ("target_clients = 50", "target_clients = 2"),
         ("rounds = 0 ", "rounds = 2 "),
-        ("min_clients = 10\nstate", "min_clients = 2\nstate"),
         ('url = "mqtt://127.0.0.1:1883"', f'url = "{mosquitto.url}"'),
-        (
-            '# [aggregator.privacy]\n# mode = "distributed"\n# epsilon = 8.0\n# delta = 1e-6\n'
-            "# rounds = 100\n# min_clients = 10",
-            '[aggregator.privacy]\nmode = "distributed"\nepsilon = 8.0\ndelta = 1e-6\n'
-            "rounds = 2\nclip = 1.0\nmin_clients = 2",
-        ),
     ):
         assert old in text, old
         text = text.replace(old, new)
     (tmp_path / "aggregator.toml").write_text(text)
+    # the members first (each its own `edgefl keyholder serve` process): they
+    # must be watching updates/+ before devices publish
+    committee = CommitteeProcesses(
+        [tmp_path / "keys" / f"keyholder-{h}" / "keyholder.toml" for h in (1, 2, 3)],
+        env=env,
+    )
+    committee.start()
     devices = [
         subprocess.Popen(
             [sys.executable, "-m", "edge_sdk.cli", "device", "run", "--config", f"device{i}.toml"],
@@ -132,9 +186,10 @@ data = "data{i}.npz"
             "--exit-when-done",
             cwd=tmp_path,
             env=env,
-            timeout=180,
+            timeout=120,
         )
-        assert served.returncode == 0, served.stderr[-2000:]
+        logs = "".join("".join(m.lines[-10:]) for m in committee.members)
+        assert served.returncode == 0, served.stderr[-2000:] + "\n" + logs
         # The last receipts are in flight when the aggregator exits: give the
         # running devices a moment to apply them before stopping them.
         outboxes = [tmp_path / f"dev{i}" / "outbox" for i in (1, 2)]
@@ -146,6 +201,10 @@ data = "data{i}.npz"
             proc.send_signal(signal.SIGTERM)
         for proc in devices:
             proc.wait(20)
+        committee.stop()
+    for h in (1, 2, 3):  # each member kept request digests only, one per round
+        state = json.loads((tmp_path / "keys" / f"keyholder-{h}" / "state.json").read_text())
+        assert set(state) <= {"1", "2"}
     status = json.loads(
         edgefl("status", "--store", "aggregator.db", "--json", cwd=tmp_path, env=env).stdout
     )
