@@ -151,6 +151,7 @@ def kh_requests(draw: st.DrawFn) -> KeyholderRequest:
         request_id=draw(ids),
         packing=draw(st.binary(max_size=50)),
         packing_digest=draw(digests),
+        privacy=draw(st.binary(max_size=40)),
         contributors=KeyholderRequest.pack_proofs(ps),
         encrypted_sum=draw(st.binary(min_size=1, max_size=100)),
         issued_ms=draw(times),
@@ -159,16 +160,16 @@ def kh_requests(draw: st.DrawFn) -> KeyholderRequest:
 
 @st.composite
 def kh_results(draw: st.DrawFn) -> KeyholderResult:
-    status = draw(st.sampled_from(["ok", "refused", "overflow"]))
-    n = draw(st.integers(0, 10))
+    status = draw(st.sampled_from(["ok", "refused"]))
     return KeyholderResult(
         federation=draw(ids),
         round_id=draw(rounds),
         request_id=draw(ids),
+        holder_id=draw(ids),
         status=status,
         reason="" if status == "ok" else draw(st.text(max_size=30)),
         count=draw(st.integers(0, 1000)),
-        aggregate=draw(st.binary(min_size=8 * n, max_size=8 * n)) if status == "ok" else b"",
+        share=draw(st.binary(min_size=1, max_size=60)) if status == "ok" else b"",
         issued_ms=draw(times),
         signature=draw(st.sampled_from([b"", b"\x03" * 64])),
     )

@@ -14,9 +14,10 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from aggregator.keyholder_config import run_ceremony
 from aggregator.rounds import round_outcome
 from aggregator.store import AggregatorStore
-from edge_sdk.crypto import PaillierPrivateKey, PaillierPublicKey, save_private_key, save_public_key
+from edge_sdk.crypto import PaillierPrivateKey, PaillierPublicKey, load_public_key
 from edge_sdk.identity import DeviceIdentity, DeviceRegistry
 from edge_sdk.protocol import (
     EncryptedUpdate,
@@ -28,7 +29,7 @@ from firmware_sim.broker import MosquittoBroker
 from tests import test_aggregator_support as _support
 from tests.mqtt_client import TestClient
 from tests.reliability_helpers import spawn_aggregator
-from tests.test_aggregator_support import make_update, update_messages
+from tests.test_aggregator_support import SAFE_PRIMES, make_update, update_messages
 
 keypair = _support.keypair  # session fixture
 
@@ -118,9 +119,17 @@ class ScriptedFleet:
 def _setup(
     tmp: Path, keys: tuple[PaillierPublicKey, PaillierPrivateKey], broker: MosquittoBroker
 ) -> tuple[Path, list[DeviceIdentity]]:
-    pk, sk = keys
-    save_public_key(pk, tmp / "paillier.pub.json")
-    save_private_key(sk, tmp / "paillier.key.json", passphrase="pw", scrypt_n=2**10)
+    pk, _ = keys
+    run_ceremony(  # the committee's members run in the aggregator's process here
+        tmp / "keys",
+        federation=FED,
+        holders=3,
+        threshold=2,
+        passphrase=b"pw",
+        min_clients=10,
+        primes=SAFE_PRIMES,
+    )
+    assert load_public_key(tmp / "keys" / "paillier_public.json") == pk
     registry = DeviceRegistry(tmp / "registry.json", FED)
     idents = [DeviceIdentity.generate(f"d{i:02d}") for i in range(N_DEVICES)]
     for ident in idents:
@@ -132,7 +141,7 @@ def _setup(
 [aggregator]
 federation = "{FED}"
 store = "agg.db"
-public_key = "paillier.pub.json"
+public_key = "keys/paillier_public.json"
 registry = "registry.json"
 dimension = {DIM}
 min_clients = 10
@@ -148,11 +157,10 @@ name = "fedavgm"
 lr = 1.0
 momentum = 0.5
 
-[keyholder]
-mode = "inprocess"
-secret_key = "paillier.key.json"
-identity = "keyholder.key"
-min_clients = 10
+[committee]
+manifest = "keys/committee.json"
+mode = "inprocess-insecure-dev"
+members = ["keys/keyholder-1", "keys/keyholder-2"]
 
 [transport]
 url = "{broker.url}"

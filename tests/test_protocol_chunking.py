@@ -144,7 +144,10 @@ def test_topics_and_parsing() -> None:
     assert parse_topic(t.updates("dev-9")).device_id == "dev-9"  # type: ignore[union-attr]
     assert parse_topic(t.model(3)).index == 3  # type: ignore[union-attr]
     assert parse_topic(t.round).kind == "round"  # type: ignore[union-attr]
-    assert parse_topic(t.keyholder_result).kind == "keyholder/result"  # type: ignore[union-attr]
+    parsed = parse_topic(t.keyholder_result("keyholder-2"))
+    assert parsed is not None and parsed.kind == "keyholder/result"
+    assert parsed.device_id == "keyholder-2"
+    assert parse_topic(t.base + "/keyholder/result") is None  # schema 2: one topic per member
     for bad in (
         "edgefl/v1/f",
         "other/v1/f/round",

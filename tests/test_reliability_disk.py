@@ -135,7 +135,7 @@ STORE_CHILD = textwrap.dedent(
 def test_store_recovers_from_a_stale_wal_of_a_killed_process(
     keypair: Any, tmp_path: Path, point: str
 ) -> None:
-    pk, sk = keypair
+    pk, _ = keypair
     fleet = Fleet.create(4, tmp_path / "registry.json")
     path = tmp_path / "agg.db"
     # a real store with a round and accepted updates (the "old" state)
@@ -144,7 +144,7 @@ def test_store_recovers_from_a_stale_wal_of_a_killed_process(
 
     machine = make_machine(pk, fleet, dim=20, target=4)
     store = AggregatorStore(path, federation=FED, key_fingerprint=pk.fingerprint)
-    d = Driver(machine, store, _support.make_keyholder(sk, fleet))
+    d = Driver(machine, store, _support.make_keyholders(_support._default_committee(), fleet))
     d.feed(Start(now_ms=1_000))
     ann = d.announcement()
     for i, dev in enumerate(fleet.ids()[:2]):

@@ -18,7 +18,6 @@ from firmware_sim.study import (
     _pick,
     format_table,
     quick_plan,
-    run_study,
     target_checks,
 )
 
@@ -26,11 +25,26 @@ SETTINGS = {"central", "float", "he", "he_float_config", "dp"}
 
 
 @pytest.fixture(scope="module")
-def quick_json(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], list[SimConfig]]:
+    """One quick study through the CLI, with every engine call recorded."""
+    calls: list[SimConfig] = []
+    real_run = study.run  # type: ignore[attr-defined]
+
+    def spy(config: SimConfig, **kwargs: Any) -> SimResult:
+        calls.append(config)
+        return real_run(config, **kwargs)
+
     out = tmp_path_factory.mktemp("utility") / "utility.json"
-    assert main(["bench", "utility", "--quick", "--json", str(out)]) == 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(study, "run", spy)
+        assert main(["bench", "utility", "--quick", "--json", str(out)]) == 0
     data: dict[str, Any] = json.loads(out.read_text())
-    return data
+    return data, calls
+
+
+@pytest.fixture(scope="module")
+def quick_json(quick_run: tuple[dict[str, Any], list[SimConfig]]) -> dict[str, Any]:
+    return quick_run[0]
 
 
 def test_quick_bench_has_one_row_per_fleet_and_setting(quick_json: dict[str, Any]) -> None:
@@ -84,18 +98,10 @@ def test_quick_bench_reports_targets_and_round_timing(quick_json: dict[str, Any]
 
 
 def test_test_split_is_used_only_for_the_chosen_configurations(
-    monkeypatch: pytest.MonkeyPatch,
+    quick_run: tuple[dict[str, Any], list[SimConfig]],
 ) -> None:
-    calls: list[SimConfig] = []
-    real_run = study.run  # type: ignore[attr-defined]
-
-    def spy(config: SimConfig, **kwargs: Any) -> SimResult:
-        calls.append(config)
-        return real_run(config, **kwargs)
-
-    monkeypatch.setattr(study, "run", spy)
+    result, calls = quick_run
     plan = quick_plan()
-    result = run_study(plan)
     test_calls = [c for c in calls if c.eval_split == "test"]
     simulated_rows = [r for r in result["rows"] if r["setting"] != "central"]
     seeds = {(f.dataset, f.devices): f.test_seeds for f in plan.fleets}

@@ -61,7 +61,7 @@ def main() -> None:
     reordered = dict(reversed(list(status_body().items())))
     deep = {**status_body(), "detail": [[[[[["x"]]]]]]}
     nan_train = {**announcement.body(), "train": (("lr", float("nan")),)}
-    head = [1, "status", status_body()]
+    head = [2, "status", status_body()]
     # issued_ms 1000 re-encoded as uint64 (0xcf) instead of uint16: same value,
     # valid checksum over the canonical form, but not the canonical bytes.
     canonical_ms = msgpack.packb(1000)
@@ -78,18 +78,23 @@ def main() -> None:
         ("huge_declared_bin32", "c67fffffff00", "malformed"),
         ("huge_declared_array32", "dd7fffffff", "malformed"),
         ("ext_type", msgpack.packb(msgpack.ExtType(1, b"x")).hex(), "malformed"),
-        ("int_map_key", _pack([1, "status", {1: 2}, b"12345678"]).hex(), "malformed"),
+        ("int_map_key", _pack([2, "status", {1: 2}, b"12345678"]).hex(), "malformed"),
         ("not_an_array", _pack({"v": 1}).hex(), "structure"),
         ("three_elements", _pack(head).hex(), "structure"),
         (
             "unknown_version",
-            _pack([2, "status", status_body(), _check(_pack([2, "status", status_body()]))]).hex(),
+            _pack([3, "status", status_body(), _check(_pack([3, "status", status_body()]))]).hex(),
             "version",
         ),
-        ("version_as_string", _pack(["1", "status", status_body(), b"12345678"]).hex(), "version"),
+        (
+            "schema_1_refused",
+            _pack([1, "status", status_body(), _check(_pack([1, "status", status_body()]))]).hex(),
+            "version",
+        ),
+        ("version_as_string", _pack(["2", "status", status_body(), b"12345678"]).hex(), "version"),
         (
             "unknown_kind",
-            _pack([1, "pickle", {}, _check(_pack([1, "pickle", {}]))]).hex(),
+            _pack([2, "pickle", {}, _check(_pack([2, "pickle", {}]))]).hex(),
             "unknown_kind",
         ),
         ("deep_nesting", with_body(deep), "structure"),
@@ -118,7 +123,7 @@ def main() -> None:
         },
     ]
     doc = {
-        "description": "edgefl wire protocol v1 vectors: invalid payloads with the "
+        "description": "edgefl wire protocol schema 2 vectors: invalid payloads with the "
         "DecodeError reason each must raise, and valid canonical payloads.",
         "invalid": [{"name": n, "hex": h, "reason": r} for n, h, r in invalid],
         "valid": valid,
