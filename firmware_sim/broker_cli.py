@@ -82,6 +82,9 @@ def _cmd_acl(args: argparse.Namespace) -> int:
         devices,
         aggregator_user=args.aggregator_user,
         keyholder_user=args.keyholder_user,
+        keyholders=[h.strip() for h in args.keyholders.split(",") if h.strip()]
+        if args.keyholders
+        else None,
         passwords=keep,
     )
     files = auth.write(args.out)
@@ -96,7 +99,8 @@ def _cmd_acl(args: argparse.Namespace) -> int:
         "credentials_file": str(files.credentials_file),
     }
     text = (
-        f"federation {args.federation}: {len(devices)} devices + aggregator + key holder\n"
+        f"federation {args.federation}: {len(devices)} devices + aggregator + "
+        f"{len(auth.roles) - len(devices) - 1} key holder(s)\n"
         f"password file:    {files.password_file} (0600)\n"
         f"ACL file:         {files.acl_file}\n"
         f"credentials:      {files.credentials_file} (0600; plaintext passwords for "
@@ -148,7 +152,16 @@ def register(parser: argparse.ArgumentParser) -> None:
     acl.add_argument("--devices-file", type=Path, help="file with one device id per line")
     acl.add_argument("--out", type=Path, required=True, help="output folder")
     acl.add_argument("--aggregator-user", default="aggregator", help="aggregator broker user")
-    acl.add_argument("--keyholder-user", default="keyholder", help="key holder broker user")
+    acl.add_argument(
+        "--keyholders",
+        default="keyholder-1,keyholder-2,keyholder-3",
+        help="the committee members' ids, each its own broker user reading updates/+ and "
+        "keyholder/request and writing only keyholder/result/{id} (default "
+        "keyholder-1,keyholder-2,keyholder-3; empty for one legacy --keyholder-user)",
+    )
+    acl.add_argument(
+        "--keyholder-user", default="keyholder", help="legacy single key holder broker user"
+    )
     acl.add_argument(
         "--reuse",
         type=Path,
