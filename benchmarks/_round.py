@@ -20,8 +20,11 @@ import numpy as np
 from aggregator.optimizers import FedAvg
 from aggregator.planning import RoundPlan, plan_rounds
 from aggregator.rounds import RoundConfig, RoundMachine, Start
+from edge_sdk.crypto import CiphertextVector, DJNBase, DJNObfuscatorSource, pack
+from edge_sdk.crypto.binding import binding_context, ciphertext_digest, prove
 from edge_sdk.identity import DeviceIdentity, DeviceRegistry
 from edge_sdk.pipeline import RoundContext, seal
+from edge_sdk.policy import FederationPolicy
 from edge_sdk.protocol import EncryptedUpdate, Topics, digest, split_payload
 from firmware_sim.committee import InMemoryCommittee
 
@@ -40,6 +43,65 @@ def resign(base: EncryptedUpdate, ident: DeviceIdentity, blob: bytes) -> Encrypt
     unsigned = EncryptedUpdate(**fields)
     fields["signature"] = ident.sign(unsigned.signing_bytes())
     return EncryptedUpdate(**fields)
+
+
+def _bound_updates(
+    ctx: RoundContext, base: DJNBase, values: Any, idents: list[DeviceIdentity]
+) -> tuple[list[EncryptedUpdate], int]:
+    """One DJN encryption, rotated per device, each rotation proven by its device."""
+    pk = ctx.public_key
+    ann = ctx.announcement
+    plaintexts = pack(values, ctx.packing)
+    source = DJNObfuscatorSource(pk, base)
+    vector, exponents = source.encrypt(plaintexts)
+    cts = list(vector.values)
+    ncts = len(cts)
+    out = []
+    for j, ident in enumerate(idents):
+        cut = j % max(ncts - 1, 1)  # the last ciphertext keeps its padding slots
+
+        def rot(xs: list[Any], cut: int = cut) -> list[Any]:
+            return xs[cut:-1] + xs[:cut] + xs[-1:]
+
+        rv = CiphertextVector(pk, rot(cts))
+        context = binding_context(
+            federation=ann.federation,
+            round_id=ann.round_id,
+            device_id=ident.device_id,
+            packing_digest=ann.packing_digest,
+            key_fingerprint=pk.fingerprint,
+            ciphertext_digest=ciphertext_digest(pk, rv),
+        )
+        proof = prove(
+            pk,
+            base,
+            rot(list(plaintexts)),
+            rot(list(exponents)),
+            rv,
+            context=context,
+            source=source,
+        )
+        blob = rv.to_bytes()
+        header: dict[str, Any] = {
+            "federation": ann.federation,
+            "round_id": ann.round_id,
+            "device_id": ident.device_id,
+            "key_fingerprint": ann.key_fingerprint,
+            "packing_digest": ann.packing_digest,
+            "privacy_digest": ctx.privacy_digest,
+            "num_params": int(values.size),
+            "num_ciphertexts": ncts,
+            "ciphertext_digest": digest(blob),
+            "created_ms": 2,
+            "binding": proof.to_bytes(),
+        }
+        unsigned = EncryptedUpdate(**header, ciphertexts=blob, signature=b"\0" * 64)
+        out.append(
+            EncryptedUpdate(
+                **header, ciphertexts=blob, signature=ident.sign(unsigned.signing_bytes())
+            )
+        )
+    return out, ncts
 
 
 @dataclass
@@ -65,8 +127,15 @@ def build_round(
     min_clients: int,
     committee: InMemoryCommittee | None = None,
     max_contributors: int = 128,
+    policy: FederationPolicy | None = None,
 ) -> Round:
-    """Enroll ``devices``, open round 1 and build every device's update."""
+    """Enroll ``devices``, open round 1 and build every device's update.
+
+    With a ``policy`` carrying a DJN base, the one real update is encrypted
+    with DJN obfuscators, and every device's rotation of it gets its OWN
+    binding proof (the rotated plaintexts and exponents are known), so each
+    update is a genuinely bound update of its sender.
+    """
     committee = committee or InMemoryCommittee(FED)
     pk = committee.public_key
     width = pk.ciphertext_bytes
@@ -80,6 +149,13 @@ def build_round(
     config = RoundConfig(
         federation=FED, min_clients=min_clients, target_clients=devices, round_duration_ms=10**9
     )
+    base = None if policy is None else policy.djn_base
+    if policy is not None:
+        committee.approve_all(registry)
+        registry.require_approvals(
+            {h.holder_id: h.public_key for h in committee.manifest.holders},
+            committee.manifest.threshold,
+        )
     machine = RoundMachine(
         config,
         plan,
@@ -87,25 +163,29 @@ def build_round(
         FedAvg(),
         initial_weights=np.zeros(dim, np.float32),
         committee=committee.verifier(),
+        binding=base,
     )
     start = machine.handle(Start(now_ms=1))
     ann = machine.announcement
     assert ann is not None
-    ctx = RoundContext.from_announcement(ann, pk)
+    ctx = RoundContext.from_announcement(ann, pk, policy=policy)
     values = np.random.default_rng(1).integers(-1000, 1000, dim).astype(np.int64)
     t0 = time.perf_counter()
     real = seal(values, ctx, idents[0], now_ms=2)
     encrypt_s = time.perf_counter() - t0
-    base = real.ciphertexts
-    ncts = len(base) // width
+    if base is None:
+        blob0 = real.ciphertexts
+        ncts = len(blob0) // width
 
-    def rotate(j: int) -> bytes:
-        # rotate all but the last ciphertext, whose padding slots must stay zero
-        body, last = base[:-width], base[-width:]
-        cut = (j % max(ncts - 1, 1)) * width
-        return body[cut:] + body[:cut] + last
+        def rotate(j: int) -> bytes:
+            # rotate all but the last ciphertext, whose padding slots must stay zero
+            body, last = blob0[:-width], blob0[-width:]
+            cut = (j % max(ncts - 1, 1)) * width
+            return body[cut:] + body[:cut] + last
 
-    updates = [real] + [resign(real, ident, rotate(j)) for j, ident in enumerate(idents[1:], 1)]
+        updates = [real] + [resign(real, ident, rotate(j)) for j, ident in enumerate(idents[1:], 1)]
+    else:
+        updates, ncts = _bound_updates(ctx, base, values, idents)
     messages = [
         [
             (Topics(FED).updates(u.device_id), c.to_bytes())
