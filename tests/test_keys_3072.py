@@ -1,4 +1,4 @@
-"""3072-bit keys end to end: ceremony, policy with a DJN base, bound updates, committee decryption."""
+"""3072-bit keys end to end: ceremony, DJN base, bound updates, committee decryption."""
 
 from __future__ import annotations
 
