@@ -115,6 +115,8 @@ class KeyHolder:
         on_stored: called with each newly stored update (and its encoded
             bytes) before :meth:`witness` returns: the service persists it
             there, so a restarted member still has what it witnessed.
+        workers: processes for the sum check and the share (None: the
+            library default, all cores for large sums; 1: this process only).
         clock: milliseconds since the epoch (injected for tests).
     """
 
@@ -133,6 +135,7 @@ class KeyHolder:
         verify_sums: bool = True,
         policy: FederationPolicy | None = None,
         on_stored: Callable[[EncryptedUpdate, bytes], None] | None = None,
+        workers: int | None = None,
         clock: Callable[[], int] | None = None,
     ) -> None:
         """Create the member (no I/O).
@@ -186,6 +189,7 @@ class KeyHolder:
         self.max_update_bytes = max_update_bytes
         self.verify_sums = verify_sums
         self.on_stored = on_stored
+        self.workers = workers
         self._clock = clock or (lambda: int(time.time() * 1000))
         self._fingerprint = bytes.fromhex(self.public_key.fingerprint)
         # round -> digest of the one request answered for it
@@ -370,7 +374,9 @@ class KeyHolder:
             # this same request (the service persists the state before sending).
             self._answered[request.round_id] = key
             self._forget_through(request.round_id)
-            share = decryption_share(self.share, vector.values, context=share_context(request))
+            share = decryption_share(
+                self.share, vector.values, context=share_context(request), workers=self.workers
+            )
             self._count("ok")
             return self._result(request, "ok", "", count, share.to_bytes(self.manifest.public))
         except Refusal as refusal:
@@ -455,7 +461,7 @@ class KeyHolder:
                 )
             except InvalidCiphertextError:
                 raise Refusal("verify_ciphertext_invalid") from None
-        total = sum_ciphertexts(self.public_key, vectors)
+        total = sum_ciphertexts(self.public_key, vectors, workers=self.workers)
         if total.to_bytes() != request.encrypted_sum:
             raise Refusal("verify_sum_mismatch")
 

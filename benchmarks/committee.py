@@ -117,7 +117,8 @@ def run(quick: bool) -> dict[str, Any]:
                     if isinstance(action, RequestDecryption):
                         request = action.request
         assert request is not None
-        members = committee.members(rnd.registry, min_clients=min(devices, 10))[:THRESHOLD]
+        members = committee.members(rnd.registry, min_clients=min(devices, 10), workers=1)
+        members = members[:THRESHOLD]
         ncts = rnd.ciphertexts_per_update
         out["ciphertexts"] = ncts
 

@@ -100,9 +100,12 @@ def test_demo_writes_its_report(mosquitto: MosquittoBroker, tmp_path: Path) -> N
         "bytes_per_param",
         "rounds",
         "broker",
+        "devices",
+        "keyholders",
     ):
         assert key in summary, key
     assert summary["rounds"] == 2 and 0 < summary["epsilon"] <= 8.0
+    assert summary["devices"] == 4 and summary["keyholders"] == {"n": 3, "t": 2}
     assert summary["bytes_per_param"] < 6.6
     assert (report / "report.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "s.json").read_text()) == summary
