@@ -34,6 +34,15 @@ def register(parser: argparse.ArgumentParser) -> None:
     init = sub.add_parser("init", help="write an example aggregator.toml")
     init.add_argument("path", nargs="?", default="aggregator.toml")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
+    init.add_argument(
+        "--model",
+        metavar="FILE.onnx",
+        help="fill `dimension` from this ONNX model and write its own weights as the "
+        "initial model (a symmetric MLP started at zeros never trains)",
+    )
+    init.add_argument(
+        "--loss", default="softmax_cross_entropy", help="the loss devices train --model with"
+    )
     init.set_defaults(func=_init)
 
 
@@ -57,7 +66,25 @@ def _init(args: argparse.Namespace) -> int:
     target = Path(args.path)
     if target.exists() and not args.force:
         raise ConfigError(f"{target} exists; use --force to overwrite")
-    target.write_text(EXAMPLE, encoding="utf-8")
+    text = EXAMPLE
+    if args.model:
+        import numpy as np
+
+        from edge_sdk.errors import EdgeFLError
+        from edge_sdk.models import OnnxModel
+
+        try:
+            model = OnnxModel.from_file(args.model, loss=args.loss)
+        except (EdgeFLError, OSError) as exc:
+            raise ConfigError(f"--model {args.model}: {exc}") from None
+        weights = model.get_flat().astype(np.float32)
+        initial = target.with_name(target.stem + "-initial.npy")
+        np.save(initial, weights)
+        text = text.replace("dimension = 7850", f"dimension = {weights.size}", 1).replace(
+            'initial_model = ""', f'initial_model = "{initial.name}"', 1
+        )
+        print(f"model {args.model}: {weights.size} trainable values; wrote {initial}")
+    target.write_text(text, encoding="utf-8")
     print(f"wrote {target}")
     return 0
 
