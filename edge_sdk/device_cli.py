@@ -98,7 +98,7 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
         extra = (
             f"\npinned federation policy {policy.digest[:16]}... ({policy.mode}, epsilon "
             f"{policy.epsilon}, quorum {policy.min_clients}); set [keys] policy = "
-            f"\"{args.policy}\" in device.toml"
+            f'"{args.policy}" in device.toml'
         )
     emit(
         result,

@@ -218,7 +218,14 @@ def test_cli_writes_files_and_never_prints_passwords(
     assert code == 0
     printed = capsys.readouterr().out
     result = json.loads(printed)
-    assert result["users"] == ["aggregator", "d1", "d2", "keyholder-1", "keyholder-2", "keyholder-3"]
+    assert result["users"] == [
+        "aggregator",
+        "d1",
+        "d2",
+        "keyholder-1",
+        "keyholder-2",
+        "keyholder-3",
+    ]
     passwords = load_credentials(out / "credentials.json")
     assert not any(p in printed for p in passwords.values())
     assert Path(result["acl_file"]).read_text().count("user ") == 6
@@ -256,7 +263,13 @@ def test_cli_reuse_keeps_passwords_of_remaining_users(
     assert after["d1"] == before["d1"] and after["aggregator"] == before["aggregator"]
     assert "d2" not in after and after["d3"] not in before.values()
     result = json.loads(capsys.readouterr().out)
-    assert result["passwords_kept"] == ["aggregator", "d1", "keyholder-1", "keyholder-2", "keyholder-3"]
+    assert result["passwords_kept"] == [
+        "aggregator",
+        "d1",
+        "keyholder-1",
+        "keyholder-2",
+        "keyholder-3",
+    ]
 
 
 @pytest.mark.parametrize(
