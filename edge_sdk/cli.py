@@ -1,8 +1,10 @@
 """The one ``edgefl`` command line.
 
-Each command group lives in its own module exposing ``register(parser)``;
-this file only wires them together, so ``edgefl --help`` stays fast: command
-modules import heavy libraries (onnx, phe, paho) inside their handlers.
+Each command group lives in its own module exposing ``register(parser)``.
+Each package declares its groups in a small ``_commands`` table, found
+through the ``edgefl.commands`` entry points (pyproject.toml), so the device
+package never names a server or simulator module. Only the group being run
+is imported: ``edgefl --help`` lists the groups from the tables alone.
 
 Exit codes follow the usual conventions: 0 success, 1 a failure while doing
 the work (the message says what and why), 2 a usage error (bad arguments,
@@ -23,7 +25,17 @@ from typing import Any
 from edge_sdk._version import __version__
 from edge_sdk.errors import ConfigError, EdgeFLError
 
-__all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "Handler", "emit", "main"]
+__all__ = [
+    "EXIT_FAILURE",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "Handler",
+    "available_commands",
+    "build_parser",
+    "command_table",
+    "emit",
+    "main",
+]
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -32,22 +44,45 @@ EXIT_INTERRUPTED = 130
 
 Handler = Callable[[argparse.Namespace], int]
 
-# command name -> (module with register(parser), one-line help). Modules that
-# are not importable yet (a later issue adds them) are left out of the CLI.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("firmware_sim.demo_cli", "run the one-command demo (broker, key holder, fleet)"),
-    "keys": ("edge_sdk.crypto.cli", "generate, show and precompute Paillier keys"),
-    "privacy": ("edge_sdk.privacy.cli", "calibrate noise and report privacy spend"),
-    "device": ("edge_sdk.device_cli", "enroll and run a device agent"),
-    "aggregator": ("aggregator.cli", "run the aggregator service"),
-    "keyholder": ("aggregator.keyholder_cli", "run the key holder service"),
-    "status": ("aggregator.status_cli", "show round, contributors and rejections"),
-    "sim": ("firmware_sim.cli", "simulate a fleet of devices"),
-    "bench": ("edge_sdk.bench_cli", "run a benchmark and write its figures as JSON"),
-    "broker": ("firmware_sim.broker_cli", "run an MQTT broker for development and tests"),
-    "pki": ("firmware_sim.pki_cli", "create a CA, issue and revoke certificates, write the CRL"),
-    "model": ("edge_sdk.models.cli", "inspect and export ONNX models"),
-}
+COMMAND_GROUP = "edgefl.commands"
+
+
+def _tables() -> list[Any]:
+    """Every installed package's command table (``edgefl.commands`` entry points).
+
+    A table module (e.g. ``aggregator._commands``) only holds strings, so
+    discovering the commands imports nothing heavy. The device package's own
+    table is always present, even when run from a source tree.
+    """
+    from importlib.metadata import entry_points
+
+    from edge_sdk import _commands as own
+
+    tables: list[Any] = [own]
+    for ep in sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name):
+        if ep.value.split(":")[0] == own.__name__:
+            continue
+        try:
+            tables.append(ep.load())
+        except ImportError:  # a package named by stale metadata: skip it
+            continue
+    return tables
+
+
+def command_table() -> dict[str, tuple[str, str]]:
+    """Command name -> (module with ``register(parser)``, one-line help)."""
+    table: dict[str, tuple[str, str]] = {}
+    for t in _tables():
+        table.update(getattr(t, "COMMANDS", {}))
+    return dict(sorted(table.items()))
+
+
+def _extensions() -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for t in _tables():
+        for group, target in getattr(t, "EXTENSIONS", {}).items():
+            out.setdefault(group, []).append(target)
+    return out
 
 
 def _load(module_name: str) -> Any | None:
@@ -61,15 +96,21 @@ def _load(module_name: str) -> Any | None:
 
 def available_commands() -> dict[str, str]:
     """Return the command groups present in this installation with their help."""
-    return {
-        name: help_text
-        for name, (module, help_text) in COMMANDS.items()
-        if _load(module) is not None
-    }
+    return {name: help_text for name, (_, help_text) in command_table().items()}
+
+
+def _subparsers_of(parser: argparse.ArgumentParser) -> Any | None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    return None
 
 
 def build_parser(
-    prog: str = "edgefl", only: Sequence[str] | None = None
+    prog: str = "edgefl",
+    only: Sequence[str] | None = None,
+    *,
+    load: Sequence[str] | None = None,
 ) -> argparse.ArgumentParser:
     """Build the argument parser.
 
@@ -77,9 +118,12 @@ def build_parser(
         prog: program name shown in usage lines.
         only: offer just these command groups (for ``python -m aggregator``
             and friends); all groups when None.
+        load: register the arguments of just these groups (the one being
+            run); the others are listed with their help only, so ``edgefl
+            --help`` imports no command module. All groups when None.
 
     Returns:
-        The configured parser; each leaf sets ``func`` to its handler.
+        The configured parser; each loaded leaf sets ``func`` to its handler.
     """
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -90,8 +134,12 @@ def build_parser(
         "-v", "--verbose", action="count", default=0, help="more log output (repeatable)"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module_name, help_text) in COMMANDS.items():
+    extensions = _extensions()
+    for name, (module_name, help_text) in command_table().items():
         if only is not None and name not in only:
+            continue
+        if load is not None and name not in load:
+            sub.add_parser(name, help=help_text, description=help_text)
             continue
         module = _load(module_name)
         if module is None:
@@ -99,7 +147,22 @@ def build_parser(
         child = sub.add_parser(name, help=help_text, description=help_text)
         child.set_defaults(help_parser=child)
         module.register(child)
+        for target in extensions.get(name, []):
+            mod_name, _, func_name = target.partition(":")
+            extension = _load(mod_name)
+            inner = _subparsers_of(child)
+            if extension is not None and inner is not None:
+                getattr(extension, func_name)(inner)
     return parser
+
+
+def _command_in(argv: Sequence[str]) -> str | None:
+    for token in argv:
+        if token == "--":
+            return None
+        if not token.startswith("-"):
+            return token
+    return None
 
 
 def emit(data: Any, *, as_json: bool, text: str | None = None) -> None:
@@ -145,9 +208,12 @@ def main(
     Returns:
         The process exit code.
     """
-    parser = build_parser(prog, only)
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    command = _command_in(args_list)
+    table = command_table()
+    parser = build_parser(prog, only, load=[command] if command in table else [])
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(args_list)
     except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
     logging.basicConfig(

@@ -71,9 +71,61 @@ def test_console_script_and_module_entry_points() -> None:
 
 
 def test_every_command_group_is_installed() -> None:
-    from edge_sdk.cli import COMMANDS, available_commands
+    from edge_sdk.cli import available_commands
 
-    assert set(available_commands()) == set(COMMANDS)
+    assert set(available_commands()) == {
+        "aggregator",
+        "bench",
+        "broker",
+        "demo",
+        "device",
+        "keyholder",
+        "keys",
+        "model",
+        "pki",
+        "privacy",
+        "sim",
+        "status",
+    }
+
+
+def test_help_imports_no_command_module_nor_heavy_library() -> None:
+    code = (
+        "import sys\n"
+        "from edge_sdk.cli import main\n"
+        "assert main(['--help']) == 0\n"
+        "heavy = ('numpy', 'onnx', 'onnxruntime', 'paho', 'gmpy2', 'phe', 'cryptography')\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in heavy\n"
+        "    or (m.split('.')[0] in ('aggregator', 'firmware_sim')\n"
+        "        and not m.endswith('._commands') and '.' in m))\n"
+        "print(loaded)\n"
+    )
+    result = run("-c", code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_ceremony_is_reached_under_keys_from_the_server_package() -> None:
+    result = run("-m", "edge_sdk.cli", "keys", "ceremony", "--help")
+    assert result.returncode == 0 and "--threshold" in result.stdout
+
+
+def test_the_device_package_imports_no_server_or_simulator_module() -> None:
+    import ast
+
+    root = Path(__file__).resolve().parent.parent / "edge_sdk"
+    offenders = []
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            for name in names:
+                if name.split(".")[0] in ("aggregator", "firmware_sim", "benchmarks"):
+                    offenders.append(f"{path.relative_to(root)}: {name}")
+    assert offenders == []
 
 
 def test_bench_unknown_name_is_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

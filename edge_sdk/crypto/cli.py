@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -80,69 +79,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         f"  fingerprint: {public_key.fingerprint}\n"
         f"  public key:  {public_path}  (give to devices and the aggregator)\n"
         f"  secret key:  {secret_path}  (key holder only; {data['protection']})"
-    )
-    emit(data, as_json=args.json, text=text)
-    return 0
-
-
-def _cmd_ceremony(args: argparse.Namespace) -> int:
-    # The ceremony is a server-side tool; it lives with the key holders.
-    from aggregator.keyholder_config import PolicyTerms, run_ceremony
-    from edge_sdk.cli import emit
-    from edge_sdk.crypto.keyfile import read_passphrase
-
-    if not 1 <= args.threshold <= args.holders:
-        raise ConfigError(
-            f"need 1 <= --threshold <= --holders, got {args.threshold} of {args.holders}"
-        )
-    passphrase = None
-    if not args.insecure_unencrypted:
-        passphrase = read_passphrase(args.passphrase_file)
-        if passphrase is None:
-            raise ConfigError(
-                "a passphrase is required to seal the shares: set EDGEFL_KEY_PASSPHRASE or "
-                "--passphrase-file (or --insecure-unencrypted for development)"
-            )
-    print(
-        f"generating a {args.bits}-bit key from safe primes for {args.holders} holders "
-        f"(threshold {args.threshold}); this takes a few seconds...",
-        file=sys.stderr,
-        flush=True,
-    )
-    data = run_ceremony(
-        Path(args.out),
-        federation=args.federation,
-        holders=args.holders,
-        threshold=args.threshold,
-        bits=args.bits,
-        passphrase=passphrase.encode() if passphrase is not None else None,
-        insecure_unencrypted=args.insecure_unencrypted,
-        min_clients=args.min_clients,
-        registry=args.registry,
-        broker_url=args.broker,
-        terms=PolicyTerms(
-            mode=args.mode,
-            min_clients=args.min_clients,
-            epsilon=args.epsilon,
-            delta=args.delta,
-            rounds=args.rounds,
-            max_clip=args.max_clip,
-            binding=not args.no_binding,
-        ),
-        overwrite=args.force,
-    )
-    members = "\n".join(f"    {m}" for m in data["members"])
-    text = (
-        f"{args.threshold}-of-{args.holders} committee for federation {args.federation} "
-        f"({data['ceremony_s']:.1f} s)\n"
-        f"  key fingerprint:       {data['key_fingerprint']}\n"
-        f"  committee fingerprint: {data['committee_fingerprint']}\n"
-        f"  public key:  {data['public_key']}  (devices and the aggregator)\n"
-        f"  manifest:    {data['manifest']}  (public: aggregator and every holder)\n"
-        f"  policy:      {data['policy']}  (signed by every holder; devices pin "
-        f"{data['policy_digest'][:16]}...)\n"
-        f"  holder folders (hand each to a different operator; no whole secret key exists):\n"
-        f"{members}"
     )
     emit(data, as_json=args.json, text=text)
     return 0
@@ -225,65 +161,6 @@ def register(parser: argparse.ArgumentParser) -> None:
     gen.add_argument("--force", action="store_true", help="replace existing key files")
     gen.add_argument("--json", action="store_true", help="print the result as JSON")
     gen.set_defaults(func=_cmd_generate)
-
-    cer = sub.add_parser(
-        "ceremony",
-        help="generate the federation key as T-of-N key-holder shares (no whole secret key)",
-        description=(
-            "Generate the federation's Paillier key with safe primes and split the secret "
-            "into N threshold shares: any T holders together decrypt a sum, T - 1 learn "
-            "nothing. Writes the public key, the public committee manifest and one folder "
-            "per holder (sealed share, Ed25519 identity, keyholder.toml). The primes are "
-            "forgotten when the command ends; run it on a trusted, offline machine."
-        ),
-    )
-    cer.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    cer.add_argument("--federation", required=True, help="federation name")
-    cer.add_argument("--holders", type=int, default=3, help="N: committee members (default 3)")
-    cer.add_argument(
-        "--threshold", type=int, default=2, help="T: members needed to decrypt (default 2)"
-    )
-    cer.add_argument("--bits", type=int, default=2048, choices=(2048, 3072, 4096))
-    cer.add_argument(
-        "--min-clients",
-        type=int,
-        default=10,
-        help="the policy's quorum: noise is calibrated for sums of this many devices, and no "
-        "holder decrypts fewer (default 10)",
-    )
-    pol = cer.add_argument_group(
-        "federation policy", "the privacy promise every member signs and every device pins"
-    )
-    pol.add_argument("--mode", choices=("distributed", "local", "none"), default="distributed")
-    pol.add_argument("--epsilon", type=float, default=8.0, help="per-device epsilon budget (8)")
-    pol.add_argument("--delta", type=float, default=1e-5, help="per-device delta (1e-5)")
-    pol.add_argument("--rounds", type=int, default=100, help="rounds horizon (100)")
-    pol.add_argument("--max-clip", type=float, default=1.0, help="largest L2 clip (1.0)")
-    pol.add_argument(
-        "--no-binding",
-        action="store_true",
-        help="publish no DJN base: updates carry no proof of plaintext knowledge "
-        "(cancellation and copies are then NOT defended; development only)",
-    )
-    cer.add_argument(
-        "--registry",
-        default="../../registry.json",
-        help="device registry path written into each keyholder.toml (relative to its folder)",
-    )
-    cer.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="broker URL for members")
-    cer.add_argument(
-        "--passphrase-file",
-        metavar="FILE",
-        help="seal the shares with FILE's first line (default: $EDGEFL_KEY_PASSPHRASE)",
-    )
-    cer.add_argument(
-        "--insecure-unencrypted",
-        action="store_true",
-        help="store the shares WITHOUT encryption (still mode 0600; development only)",
-    )
-    cer.add_argument("--force", action="store_true", help="replace an existing ceremony")
-    cer.add_argument("--json", action="store_true", help="print the result as JSON")
-    cer.set_defaults(func=_cmd_ceremony)
 
     show = sub.add_parser("show", help="show a key's fingerprint and the secret file's state")
     show.add_argument("--dir", metavar="DIR", help="key directory (from 'keys generate')")
