@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from aggregator.committee import request_digest
 from aggregator.keyholder import KeyHolder
 from edge_sdk._fs import atomic_write
 from edge_sdk.errors import DecodeError
@@ -186,7 +187,15 @@ class KeyholderService:
         except DecodeError as exc:
             log.warning("bad request message: %s", exc)
             return
-        missing = self.keyholder.missing(request)
+        answered = self.keyholder.answered_rounds()
+        previous = answered.get(request.round_id)
+        # A second, different sum for an answered round, or a request for a
+        # round at or below the last one answered, is refused at once: its
+        # updates were forgotten on purpose, so waiting for them is pointless.
+        settled = (previous is not None and previous != request_digest(request)) or (
+            previous is None and request.round_id <= max(answered, default=-1)
+        )
+        missing = 0 if settled else self.keyholder.missing(request)
         if missing:
             key = digest(whole)
             first = self._first_asked.setdefault(key, self._clock())

@@ -315,3 +315,35 @@ def test_corrupted_share_is_named_and_the_round_decrypts_with_the_others(
     assert {r.holder_id for r in results if r.status == "ok"} == {"keyholder-2", "keyholder-3"}
     assert all(isinstance(r, KeyholderResult) for r in results)
     assert sent and sent[0] == 1
+
+
+# ------------------------------------------------------------------ found by this suite, fixed
+# A member used to defer such a request for witness_grace_s (its updates were
+# forgotten on purpose) and refuse it only on a re-ask.
+
+
+def test_second_sum_for_an_answered_round_is_refused_at_once(env: Env) -> None:
+    env.committee.start()
+    env.start_service()
+    env.start_devices()
+    env.close_round(1)
+    env.stop_service()
+    genuine = _request(env, 1)
+    three = DEVICES[:MIN_CLIENTS]
+    other = relabel(
+        genuine,
+        request_id="r1-once",
+        contributors=KeyholderRequest.pack_proofs(tuple(env.updates[1][d].proof() for d in three)),
+        encrypted_sum=_summed(env, 1, three),
+    )
+    attacker = env.transport("aggregator")
+    reader = ResultReader(attacker)
+    attacker.connect(timeout=30)
+    publish_request(attacker, other)  # asked once, no re-ask
+    wait_for(
+        lambda: len(reader.by_request.get("r1-once", {})) == len(HOLDERS),
+        "immediate refusals",
+        timeout=6.0,
+    )
+    for result in reader.by_request["r1-once"].values():
+        assert (result.status, result.reason) == ("refused", "round_already_decrypted")

@@ -20,7 +20,6 @@ from edge_sdk.privacy._sampler import MAX_SIGMA2, SIGMA2_MAX_DEN
 __all__ = [
     "DEFAULT_ROUNDING_BETA",
     "MAX_DIMENSION",
-    "MECHANISMS",
     "DPPolicy",
     "Mode",
     "NoiseSpec",
@@ -30,7 +29,6 @@ __all__ = [
 Mode = Literal["local", "distributed"]
 MODES: tuple[str, ...] = ("local", "distributed")
 #: The mechanisms a device knows how to apply (closed table).
-MECHANISMS: tuple[str, ...] = ("discrete_gaussian",)
 #: Failure probability of one conditional-rounding attempt (Kairouz, Liu, Steinke 2021).
 DEFAULT_ROUNDING_BETA = math.exp(-0.5)
 #: Largest model dimension accepted from the wire.
@@ -91,6 +89,13 @@ def rounded_norm_bound_sq(
     return max(1, math.floor(min(loose, tight)))
 
 
+def _check_mechanism(name: str) -> None:
+    # the registry imports the accountant, which imports this module: look it up lazily
+    from edge_sdk.privacy.mechanisms import mechanism
+
+    mechanism(name)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DPPolicy:
     """What a federation promises: ``(epsilon, delta)`` over ``rounds`` participations.
@@ -108,6 +113,8 @@ class DPPolicy:
         min_clients: smallest number of honest contributions in any decrypted
             sum (distributed mode; 1 in local mode).
         rounding_beta: failure probability of one conditional-rounding try.
+        mechanism: the noise mechanism (an entry of
+            :data:`edge_sdk.privacy.mechanisms.REGISTRY`).
     """
 
     mode: Mode
@@ -117,8 +124,10 @@ class DPPolicy:
     clip: float
     min_clients: int = 1
     rounding_beta: float = DEFAULT_ROUNDING_BETA
+    mechanism: str = "discrete_gaussian"
 
     def __post_init__(self) -> None:
+        _check_mechanism(self.mechanism)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         _finite_positive("epsilon", self.epsilon)
@@ -174,8 +183,7 @@ class NoiseSpec:
     epsilon_target: float
 
     def __post_init__(self) -> None:
-        if self.mechanism not in MECHANISMS:
-            raise ValueError(f"mechanism must be one of {MECHANISMS}, got {self.mechanism!r}")
+        _check_mechanism(self.mechanism)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         den = _int_in("sigma2_den", self.sigma2_den, 1, SIGMA2_MAX_DEN)

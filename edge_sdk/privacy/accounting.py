@@ -161,7 +161,14 @@ def ddg_tau(sigma2: float, n: int) -> float:
 
 
 def cost_of(noise: NoiseSpec) -> PrivacyCost:
-    """The privacy cost of one participation under ``noise``.
+    """The privacy cost of one participation under ``noise``, by its mechanism's entry."""
+    from edge_sdk.privacy.mechanisms import mechanism
+
+    return mechanism(noise.mechanism).cost(noise)
+
+
+def discrete_gaussian_cost(noise: NoiseSpec) -> PrivacyCost:
+    """The discrete Gaussian's cost of one participation under ``noise``.
 
     Local mode: the neighbouring relation is any change of the device's data,
     so the L2 sensitivity of the rounded update is ``2B`` (``B^2`` =

@@ -12,14 +12,12 @@ import math
 from fractions import Fraction
 
 from edge_sdk.errors import PrivacyError
-from edge_sdk.privacy._sampler import MAX_SIGMA2, SIGMA2_MAX_DEN, sigma2_on_grid
+from edge_sdk.privacy._sampler import MAX_SIGMA2, sigma2_on_grid
 from edge_sdk.privacy._spec import DPPolicy, NoiseSpec, rounded_norm_bound_sq
 from edge_sdk.privacy.accounting import epsilon_spent
+from edge_sdk.privacy.mechanisms import mechanism
 
 __all__ = ["CalibrationError", "calibrate"]
-
-# KLS 2021's bound for sums of discrete Gaussians is stated for sigma >= 1/2.
-_MIN_DISTRIBUTED_SIGMA2 = Fraction(1, 4)
 
 
 class CalibrationError(PrivacyError):
@@ -30,6 +28,7 @@ class CalibrationError(PrivacyError):
 
 def _spec(policy: DPPolicy, sigma2: Fraction, bound_sq: int, scale: float, dim: int) -> NoiseSpec:
     return NoiseSpec(
+        mechanism=policy.mechanism,
         mode=policy.mode,
         sigma2_num=sigma2.numerator,
         sigma2_den=sigma2.denominator,
@@ -71,7 +70,7 @@ def calibrate(policy: DPPolicy, *, scale: float, dimension: int) -> NoiseSpec:
     def eps(sigma2: Fraction) -> float:
         return epsilon_spent(_spec(policy, sigma2, bound_sq, scale, dimension), policy.rounds)
 
-    lo = _MIN_DISTRIBUTED_SIGMA2 if policy.mode == "distributed" else Fraction(1, SIGMA2_MAX_DEN)
+    lo = mechanism(policy.mechanism).min_sigma2(policy.mode)
     hi = Fraction(MAX_SIGMA2)
     if eps(hi) > policy.epsilon:
         raise CalibrationError(

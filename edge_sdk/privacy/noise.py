@@ -20,6 +20,7 @@ import numpy.typing as npt
 from edge_sdk.errors import PrivacyError
 from edge_sdk.privacy._sampler import discrete_gaussian, sigma2_on_grid
 from edge_sdk.privacy._spec import NoiseSpec
+from edge_sdk.privacy.mechanisms import mechanism
 from edge_sdk.randomness import RandomSource, default_random
 
 __all__ = [
@@ -101,7 +102,7 @@ def add_noise(
     *,
     allow_insecure_rng: bool = False,
 ) -> npt.NDArray[np.int64]:
-    """Return ``ints`` plus fresh exact discrete Gaussian noise per ``noise``.
+    """Return ``ints`` plus fresh noise of ``noise.mechanism`` (the registry's sampler).
 
     Args:
         ints: the clipped, scaled, rounded update (int64, length
@@ -132,4 +133,4 @@ def add_noise(
             f"rounded update has squared norm {norm_sq} > bound {noise.norm_bound_sq}; "
             "re-round it (conditional randomized rounding)"
         )
-    return arr + discrete_gaussian(source, noise.sigma2, arr.size)
+    return arr + mechanism(noise.mechanism).sample(source, noise.sigma2, arr.size)
