@@ -185,11 +185,9 @@ def write_json(path: str | Path, data: Any) -> None:
     if str(path) == "-":
         sys.stdout.write(payload)
         return
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(payload, encoding="utf-8")
-    tmp.replace(target)
+    from edge_sdk._fs import atomic_write
+
+    atomic_write(Path(path), payload.encode("utf-8"), mode=0o644)
 
 
 def main(

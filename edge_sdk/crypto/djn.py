@@ -55,6 +55,7 @@ from typing import Any
 
 import gmpy2
 
+from edge_sdk._fs import atomic_write
 from edge_sdk.crypto._gmp import mpz_from_bytes
 from edge_sdk.crypto.ciphertext import CiphertextVector
 from edge_sdk.crypto.keys import PaillierPublicKey, _canonical_n
@@ -396,17 +397,7 @@ class FixedBaseTable:
         body = b"".join(int(v).to_bytes(width, "big") for row in self._rows for v in row)
         payload = header + body
         payload += hashlib.sha256(payload).digest()
-        target = Path(path)
-        tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}-{threading.get_ident()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            view = memoryview(payload)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
+        atomic_write(Path(path), payload, mode=0o644)
 
     @classmethod
     def load(

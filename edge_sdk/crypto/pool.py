@@ -54,6 +54,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edge_sdk._fs import atomic_write
 from edge_sdk.crypto import _raw
 from edge_sdk.crypto._gmp import mpz_from_bytes
 from edge_sdk.crypto.keys import PaillierPublicKey
@@ -411,22 +412,8 @@ class ObfuscatorPool:
             body = b"".join(int(v).to_bytes(width, "big") for v, _ in records)
         payload = self._header + body
         name = f"seg-{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.obf"
-        tmp = self.directory / f".tmp-{name}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            view = memoryview(payload)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.directory / name)
-        dir_fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        # the one crash-safe write helper: temporary file, fsync, rename, fsync dir
+        atomic_write(self.directory / name, payload, mode=0o600)
 
     def start_background_fill(
         self,
