@@ -80,14 +80,13 @@ import numpy.typing as npt
 from edge_sdk.crypto.keyfile import (
     _SCRYPT_DEFAULT,
     _SCRYPT_MAX_N,
-    _SCRYPT_MAX_RP,
     _aad,
     _atomic_write,
     _b64,
     _check_permissions,
     _derive,
     _read_json,
-    _unb64,
+    _unseal_payload,
 )
 from edge_sdk.crypto.keys import MAX_KEY_BITS, MIN_KEY_BITS, PaillierPublicKey
 from edge_sdk.errors import CryptoError, DecodeError, InvalidCiphertextError, KeyFileError
@@ -804,38 +803,7 @@ def load_share(
 
 
 def _unseal_share(target: Path, data: dict[str, Any], passphrase: bytes | str, width: int) -> int:
-    from cryptography.exceptions import InvalidTag
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-    kdf = data.get("kdf")
-    if not isinstance(kdf, dict) or kdf.get("name") != "scrypt":
-        raise KeyFileError(f"{target}: missing or unknown 'kdf'")
-    n, r, p = kdf.get("n"), kdf.get("r"), kdf.get("p")
-    if not (isinstance(n, int) and isinstance(r, int) and isinstance(p, int)) or any(
-        isinstance(x, bool) for x in (n, r, p)
-    ):
-        raise KeyFileError(f"{target}: scrypt parameters must be integers")
-    if not (
-        2 <= n <= _SCRYPT_MAX_N
-        and n & (n - 1) == 0
-        and 1 <= r <= _SCRYPT_MAX_RP
-        and 1 <= p <= _SCRYPT_MAX_RP
-    ):
-        raise KeyFileError(f"{target}: scrypt parameters out of bounds (n={n}, r={r}, p={p})")
-    salt = _unb64(kdf.get("salt"), "kdf.salt")
-    nonce = _unb64(data.get("nonce"), "nonce")
-    sealed = _unb64(data.get("ciphertext"), "ciphertext")
-    if len(nonce) != 12:
-        raise KeyFileError(f"{target}: nonce must be 12 bytes")
-    header = {k: v for k, v in data.items() if k != "ciphertext"}
-    secret = passphrase.encode("utf-8") if isinstance(passphrase, str) else bytes(passphrase)
-    key = _derive(secret, salt, n, r, p)
-    try:
-        payload = AESGCM(key).decrypt(nonce, sealed, _aad(header))
-    except InvalidTag as exc:
-        raise KeyFileError(
-            f"{target}: wrong passphrase or tampered file", reason="key_file_passphrase"
-        ) from exc
+    payload = _unseal_payload(target, data, passphrase)
     if len(payload) != width:
         raise KeyFileError(f"{target}: sealed payload has the wrong length")
     return int.from_bytes(payload, "big")

@@ -12,17 +12,16 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from aggregator.committee import CommitteeManifest, CommitteeVerifier, HolderInfo
 from aggregator.keyholder import KeyHolder
 from aggregator.optimizers import FedAvg, ServerOptimizer
 from aggregator.planning import RoundPlan, plan_rounds
 from aggregator.rounds import RoundConfig, RoundMachine
-from aggregator.threshold import Ceremony, ceremony
 from edge_sdk.crypto import PaillierPrivateKey, PaillierPublicKey
 from edge_sdk.identity import DeviceIdentity, DeviceRegistry
 from edge_sdk.pipeline import RoundContext, build_update
 from edge_sdk.protocol import EncryptedUpdate, RoundAnnouncement, Topics, split_payload
 from edge_sdk.randomness import DeterministicRandom
+from firmware_sim.committee import InMemoryCommittee
 
 FED = "testfed"
 
@@ -31,54 +30,13 @@ _KEYS = json.loads((Path(__file__).parent / "vectors" / "crypto_test_keys.json")
 SAFE_PRIMES = (int(_KEYS["safe2048"]["p"]), int(_KEYS["safe2048"]["q"]))
 
 
-@dataclass
-class Committee:
-    """A real 2-of-3 threshold committee over the session's 2048-bit safe-prime key."""
-
-    ceremony: Ceremony
-    identities: list[DeviceIdentity]
-    manifest: CommitteeManifest
-
-    @property
-    def public_key(self) -> PaillierPublicKey:
-        return self.ceremony.public_key
-
-    def verifier(self) -> CommitteeVerifier:
-        return CommitteeVerifier(self.manifest)
-
-    def members(
-        self, registry: DeviceRegistry, *, min_clients: int = 3, **kwargs: Any
-    ) -> list[KeyHolder]:
-        """Fresh members (one per share) with their own view of ``registry``."""
-        return [
-            KeyHolder(
-                share,
-                self.manifest,
-                registry,
-                holder_id=ident.device_id,
-                identity=ident,
-                min_clients=min_clients,
-                clock=lambda: 5_000,
-                **kwargs,
-            )
-            for share, ident in zip(self.ceremony.shares, self.identities, strict=True)
-        ]
+# One implementation of an in-memory committee: the simulator's.
+Committee = InMemoryCommittee
 
 
 def make_committee(holders: int = 3, threshold: int = 2) -> Committee:
     """A T-of-N committee over the test key (ceremony from known safe primes)."""
-    result = ceremony(2048, holders=holders, threshold=threshold, primes=SAFE_PRIMES)
-    identities = [DeviceIdentity.generate(f"keyholder-{i}") for i in range(1, holders + 1)]
-    manifest = CommitteeManifest(
-        federation=FED,
-        key_fingerprint=result.public_key.fingerprint,
-        public=result.committee,
-        holders=tuple(
-            HolderInfo(holder_id=ident.device_id, index=i, public_key=ident.public_key_bytes)
-            for i, ident in enumerate(identities, start=1)
-        ),
-    )
-    return Committee(result, identities, manifest)
+    return InMemoryCommittee(FED, holders=holders, threshold=threshold, primes=SAFE_PRIMES)
 
 
 @pytest.fixture(scope="session")

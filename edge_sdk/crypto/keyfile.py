@@ -320,9 +320,12 @@ def load_private_key(
         raise KeyFileError(f"{target}: the primes do not match the modulus") from exc
 
 
-def _unseal(
-    target: Path, data: dict[str, Any], passphrase: bytes | str, public_key: PaillierPublicKey
-) -> tuple[int, int]:
+def _unseal_payload(target: Path, data: dict[str, Any], passphrase: bytes | str) -> bytes:
+    """Check the KDF parameters of a sealed file and decrypt its payload (key and share files).
+
+    Raises:
+        KeyFileError: bad parameters, wrong passphrase or a tampered file.
+    """
     from cryptography.exceptions import InvalidTag
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -354,6 +357,13 @@ def _unseal(
         raise KeyFileError(
             f"{target}: wrong passphrase or tampered file", reason="key_file_passphrase"
         ) from exc
+    return bytes(payload)
+
+
+def _unseal(
+    target: Path, data: dict[str, Any], passphrase: bytes | str, public_key: PaillierPublicKey
+) -> tuple[int, int]:
+    payload = _unseal_payload(target, data, passphrase)
     width = (public_key.bits + 7) // 8
     if len(payload) != 2 * width:
         raise KeyFileError(f"{target}: sealed payload has the wrong length")
