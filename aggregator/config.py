@@ -150,6 +150,20 @@ def _check(table: Mapping[str, Any], known: set[str], name: str) -> dict[str, An
     return dict(table)
 
 
+def read_toml(path: Path) -> dict[str, Any]:
+    """A TOML file as a dict.
+
+    Raises:
+        ConfigError: the file is missing or not valid TOML (the message names it).
+    """
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
 def load_config(path: str | Path) -> ServiceConfig:
     """Read and check ``aggregator.toml``.
 
@@ -157,12 +171,7 @@ def load_config(path: str | Path) -> ServiceConfig:
         ConfigError: missing file, bad TOML or unknown keys.
     """
     p = Path(path)
-    try:
-        doc = tomllib.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config file {p} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{p}: {exc}") from None
+    doc = read_toml(p)
     if "keyholder" in doc:
         raise ConfigError(
             f"{p}: the [keyholder] table is gone: a committee of key holders replaced the "

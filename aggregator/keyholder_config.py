@@ -23,18 +23,12 @@ refused so a typo is not silently ignored.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edge_sdk.errors import ConfigError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 __all__ = [
     "KEYHOLDER_TEMPLATE",
@@ -113,13 +107,10 @@ def load_keyholder_config(path: str | Path) -> KeyholderConfig:
     Raises:
         ConfigError: missing file, bad TOML, unknown or missing keys.
     """
+    from aggregator.config import read_toml
+
     p = Path(path)
-    try:
-        doc = tomllib.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config file {p} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{p}: {exc}") from None
+    doc = read_toml(p)
     if "aggregator" in doc:
         raise ConfigError(
             f"{p}: this looks like aggregator.toml; a key holder has its own keyholder.toml "
