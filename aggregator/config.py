@@ -248,6 +248,25 @@ def build_dev_members(
     ]
 
 
+def _train_table(agg: Mapping[str, Any]) -> dict[str, Any]:
+    """``[aggregator.train]``, checked: a typo would otherwise be announced and ignored."""
+    from edge_sdk.models.base import TrainConfig
+
+    train = dict(agg.get("train", {}))
+    allowed = set(TrainConfig.__dataclass_fields__) | {"clip"}
+    unknown = sorted(set(train) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"unknown [aggregator.train] settings: {', '.join(unknown)} "
+            f"(known: {', '.join(sorted(allowed))})"
+        )
+    try:
+        TrainConfig(**{k: v for k, v in train.items() if k != "clip"})
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"[aggregator.train]: {exc}") from None
+    return train
+
+
 def build_aggregator(cfg: ServiceConfig, *, transport: Any = None) -> Any:
     """Build the :class:`~aggregator.service.AggregatorService` of this config."""
     import numpy as np
@@ -323,7 +342,7 @@ def build_aggregator(cfg: ServiceConfig, *, transport: Any = None) -> Any:
             round_duration_ms=int(float(agg.get("round_duration_s", 300)) * 1000),
             rounds=int(agg.get("rounds", 0)),
             cohort=tuple(agg.get("cohort", ())),
-            train=tuple(sorted(dict(agg.get("train", {})).items())),
+            train=tuple(sorted(_train_table(agg).items())),
             fixed_denominator=fixed,
             keyholder_retry_ms=int(float(agg.get("keyholder_retry_s", 30)) * 1000),
         )

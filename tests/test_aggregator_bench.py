@@ -63,3 +63,16 @@ def test_aggregator_init_from_an_onnx_model_fills_dimension_and_initial_weights(
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not onnx")
     assert main(["aggregator", "init", str(tmp_path / "b.toml"), "--model", str(bad)]) == 2
+
+
+def test_a_typo_in_the_train_table_is_refused(tmp_path: Path) -> None:
+    import pytest
+
+    from aggregator.config import _train_table
+    from edge_sdk.errors import ConfigError
+
+    assert _train_table({"train": {"epochs": 2, "lr": 0.1, "clip": 1.0}})["epochs"] == 2
+    with pytest.raises(ConfigError, match=r"unknown \[aggregator\.train\] settings: epoch"):
+        _train_table({"train": {"epoch": 2}})
+    with pytest.raises(ConfigError, match=r"aggregator\.train"):
+        _train_table({"train": {"lr": -1.0}})
