@@ -34,10 +34,11 @@ Refusals are signed and carry a reason; the aggregator logs them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import msgpack
 
@@ -55,7 +56,7 @@ from edge_sdk.errors import (
     InvalidSignatureError,
     RemoteProtocolError,
 )
-from edge_sdk.identity import DeviceIdentity, DeviceRegistry
+from edge_sdk.identity import DeviceIdentity, DeviceRegistry, verify_signature
 from edge_sdk.pipeline import noise_digest, verify_update_binding
 from edge_sdk.policy import FederationPolicy
 from edge_sdk.privacy import NoiseSpec
@@ -63,13 +64,14 @@ from edge_sdk.protocol import (
     Chunk,
     ContributorProof,
     EncryptedUpdate,
+    KeyholderCommit,
     KeyholderRequest,
     KeyholderResult,
     Reassembler,
     parse_topic,
 )
 
-__all__ = ["BindingCheck", "KeyHolder", "Refusal"]
+__all__ = ["BindingCheck", "KeyHolder", "Refusal", "exchange"]
 
 log = logging.getLogger("edgefl.keyholder")
 
@@ -194,6 +196,10 @@ class KeyHolder:
         self._fingerprint = bytes.fromhex(self.public_key.fingerprint)
         # round -> digest of the one request answered for it
         self._answered: dict[int, bytes] = {}
+        # the commit phase: round -> member -> digest; our pending request; released results
+        self._commits: dict[int, dict[str, bytes]] = {}
+        self._pending: dict[int, tuple[KeyholderRequest, int]] = {}
+        self._released: dict[int, KeyholderResult] = {}
         # device -> round -> (ciphertext digest, blob): bounded per device
         self._seen: dict[str, OrderedDict[int, tuple[bytes, bytes]]] = {}
         self._reassemblers: dict[str, Reassembler] = {}
@@ -342,15 +348,26 @@ class KeyHolder:
 
     # -- requests ----------------------------------------------------------------
 
-    def handle(self, request: KeyholderRequest) -> KeyholderResult:
-        """Check ``request`` and return a signed result (``ok`` with a share, or ``refused``).
+    @property
+    def commit_quorum(self) -> int:
+        """Commitments to one digest needed before a share is released: ``ceil((N + T) / 2)``.
 
-        A request whose contributors were not all witnessed is refused
-        (``verify_ciphertext_missing``); the service waits a grace period
-        (:meth:`missing`) before asking for that answer.
+        Any two sets of that size share at least ``T`` members; with fewer
+        than ``T`` dishonest members, one honest member is in both, and it
+        commits to one digest per round: two different sums of a round can
+        never both reach the quorum.
+        """
+        return -(-(self.manifest.size + self.manifest.threshold) // 2)
+
+    def handle(self, request: KeyholderRequest) -> KeyholderResult | KeyholderCommit:
+        """Check ``request``; commit to it, and answer with a share once the commit quorum holds.
 
         Returns:
-            The signed result; never raises for a bad request.
+            A signed refusal; or this member's signed :class:`KeyholderCommit`
+            (publish it to the other members; the share follows from
+            :meth:`receive_commit` once :attr:`commit_quorum` members committed
+            to the same request); or the signed result with the share when the
+            quorum is already there. Never raises for a bad request.
         """
         count = 0
         try:
@@ -363,28 +380,103 @@ class KeyHolder:
             if previous is None and self.verify_sums:
                 self._verify_sum(request, proofs)
             try:
-                vector = CiphertextVector.from_bytes(
+                CiphertextVector.from_bytes(
                     request.encrypted_sum,
                     self.public_key,
                     spec.num_plaintexts(proofs[0].num_params),
                 )
             except InvalidCiphertextError as exc:
                 raise Refusal(f"sum_{exc.reason}") from None
-            # Record before releasing: a crash after this line re-answers only
-            # this same request (the service persists the state before sending).
-            self._answered[request.round_id] = key
-            self._forget_through(request.round_id)
-            share = decryption_share(
-                self.share, vector.values, context=share_context(request), workers=self.workers
-            )
-            self._count("ok")
-            return self._result(request, "ok", "", count, share.to_bytes(self.manifest.public))
         except Refusal as refusal:
             self._count(refusal.reason)
             log.warning(
                 "%s: round %s refused: %s", self.holder_id, request.round_id, refusal.reason
             )
             return self._result(request, "refused", refusal.reason, count)
+        # Commit before anything leaves: the service persists the answered
+        # state before publishing, so a restarted member commits to this same
+        # request only, and never to another sum of this round.
+        self._answered[request.round_id] = key
+        self._forget_through(request.round_id)
+        self._pending[request.round_id] = (request, count)
+        own = self._commit(request.round_id, key)
+        self._commits.setdefault(request.round_id, {})[self.holder_id] = key
+        return self._release(request.round_id) or own
+
+    def receive_commit(self, commit: KeyholderCommit) -> KeyholderResult | None:
+        """Take another member's commitment; the share once the quorum for our request holds.
+
+        A commitment from a non-member, with a bad signature, or a second,
+        different one from the same member for a round (equivocation) changes
+        nothing but a counter.
+        """
+        info = self.manifest.holder(commit.holder_id)
+        if info is None or commit.federation != self.federation:
+            self._count("commit_foreign")
+            return None
+        try:
+            verify_signature(info.public_key, commit.signed_bytes(), commit.signature)
+        except InvalidSignatureError:
+            self._count("commit_bad_signature")
+            return None
+        round_commits = self._commits.setdefault(commit.round_id, {})
+        known = round_commits.get(commit.holder_id)
+        if known is not None and known != commit.request_digest:
+            self._count("commit_equivocation")
+            log.warning(
+                "%s: %s committed to two requests in round %d",
+                self.holder_id,
+                commit.holder_id,
+                commit.round_id,
+            )
+            return None
+        round_commits[commit.holder_id] = commit.request_digest
+        for old in sorted(self._commits)[:-8]:  # bounded: recent rounds only
+            del self._commits[old]
+        return self._release(commit.round_id)
+
+    def own_commit(self, round_id: int) -> KeyholderCommit | None:
+        """This member's commitment for a round (to re-publish on a re-ask), if any."""
+        key = self._answered.get(round_id)
+        return None if key is None else self._commit(round_id, key)
+
+    def _commit(self, round_id: int, key: bytes) -> KeyholderCommit:
+        unsigned = KeyholderCommit(
+            federation=self.federation,
+            round_id=round_id,
+            holder_id=self.holder_id,
+            request_digest=key,
+            issued_ms=self._clock(),
+        )
+        return dataclasses.replace(unsigned, signature=self.identity.sign(unsigned.signed_bytes()))
+
+    def _release(self, round_id: int) -> KeyholderResult | None:
+        done = self._released.get(round_id)
+        if done is not None:
+            return done
+        pending = self._pending.get(round_id)
+        if pending is None:
+            return None
+        request, count = pending
+        key = self._answered.get(round_id)
+        agreeing = sum(1 for d in self._commits.get(round_id, {}).values() if d == key)
+        if agreeing < self.commit_quorum:
+            return None
+        vector = CiphertextVector.from_bytes(
+            request.encrypted_sum,
+            self.public_key,
+            len(request.encrypted_sum) // (self.public_key.ciphertext_bytes),
+        )
+        share = decryption_share(
+            self.share, vector.values, context=share_context(request), workers=self.workers
+        )
+        self._count("ok")
+        result = self._result(request, "ok", "", count, share.to_bytes(self.manifest.public))
+        self._released[round_id] = result
+        for old in sorted(self._released)[:-4]:
+            del self._released[old]
+            self._pending.pop(old, None)
+        return result
 
     def _check(self, request: KeyholderRequest) -> tuple[PackingSpec, list[ContributorProof]]:
         if request.federation != self.federation:
@@ -496,3 +588,32 @@ class KeyHolder:
             issued_ms=unsigned.issued_ms,
             signature=self.identity.sign(unsigned.signed_bytes()),
         )
+
+
+def exchange(members: Sequence[KeyHolder], request: KeyholderRequest) -> list[KeyholderResult]:
+    """Run one request through in-process members, commit phase included (simulation, tests).
+
+    Every member handles the request; each commitment is delivered to every
+    other member, as the broker would; returns each member's final answer
+    (its share, or its refusal; nothing for a member still waiting).
+    """
+    answers: dict[str, KeyholderResult] = {}
+    commits: list[KeyholderCommit] = []
+    for member in members:
+        out = member.handle(request)
+        if isinstance(out, KeyholderCommit):
+            commits.append(out)
+        else:
+            answers[member.holder_id] = out
+    for commit in commits:
+        for member in members:
+            if member.holder_id == commit.holder_id:
+                continue
+            result = member.receive_commit(commit)
+            if result is not None:
+                answers[member.holder_id] = result
+    for member in members:  # a member whose quorum came with its own commit
+        done = member._released.get(request.round_id)
+        if done is not None and member.holder_id not in answers:
+            answers[member.holder_id] = done
+    return [answers[m.holder_id] for m in members if m.holder_id in answers]

@@ -37,10 +37,13 @@ from edge_sdk.errors import DecodeError
 from edge_sdk.protocol import (
     Chunk,
     EncryptedUpdate,
+    KeyholderCommit,
     KeyholderRequest,
+    KeyholderResult,
     Reassembler,
     Topics,
     digest,
+    parse_topic,
     split_payload,
 )
 from edge_sdk.transport import InboundMessage, Transport, TransportError
@@ -149,7 +152,24 @@ class KeyholderService:
         """Subscribe and connect."""
         self.transport.subscribe(self.topics.keyholder_request, self._on_message, qos=1)
         self.transport.subscribe(self.topics.updates_filter, self._on_update, qos=1)
+        self.transport.subscribe(self.topics.keyholder_commit_filter, self._on_commit, qos=1)
         self.transport.connect(timeout=connect_timeout)
+
+    def _on_commit(self, message: InboundMessage) -> None:
+        with self._lock:
+            try:
+                parsed = parse_topic(message.topic)
+                commit = KeyholderCommit.from_bytes(message.payload, max_size=4096)
+                if parsed is None or parsed.device_id != commit.holder_id:
+                    raise DecodeError("commitment on another member's topic", reason="sender")
+                if commit.holder_id != self.keyholder.holder_id:
+                    result = self.keyholder.receive_commit(commit)
+                    if result is not None:
+                        self._send_result(result)
+            except DecodeError as exc:
+                log.warning("bad commitment message: %s", exc)
+            finally:
+                message.ack()
 
     def _on_update(self, message: InboundMessage) -> None:
         with self._lock:
@@ -208,9 +228,32 @@ class KeyholderService:
                 )
                 return
             self._first_asked.pop(key, None)
-        result = self.keyholder.handle(request)
-        save_state(self.keyholder, self.state_path)
+        out = self.keyholder.handle(request)
+        save_state(self.keyholder, self.state_path)  # the commitment is durable first
         self._prune()
+        if isinstance(out, KeyholderCommit):
+            self._publish_commit(out)
+            return
+        if out.status == "ok":  # re-ask after release: our commitment may have been lost
+            own = self.keyholder.own_commit(request.round_id)
+            if own is not None:
+                self._publish_commit(own)
+        self._send_result(out)
+
+    def _publish_commit(self, commit: KeyholderCommit) -> None:
+        topic = self.topics.keyholder_commit(self.keyholder.holder_id)
+        try:
+            self.transport.publish(topic, commit.to_bytes(), qos=1)
+        except TransportError as exc:  # re-published on the aggregator's re-ask
+            log.warning("publishing the commitment failed: %s", exc)
+        log.info(
+            "%s: round %d: committed, waiting for %d members' commitments",
+            self.keyholder.holder_id,
+            commit.round_id,
+            self.keyholder.commit_quorum,
+        )
+
+    def _send_result(self, result: KeyholderResult) -> None:
         self.publish(result.to_bytes(), round_id=result.round_id)
         log.info(
             "%s: round %d: %s (%d contributions)",

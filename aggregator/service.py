@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from aggregator.keyholder import KeyHolder
+from aggregator.keyholder import KeyHolder, exchange
 from aggregator.metrics import Metrics
 from aggregator.rounds import (
     Action,
@@ -397,7 +397,7 @@ class AggregatorService:
         request = action.request
         if self.keyholders:
             started = time.perf_counter()
-            results = [member.handle(request) for member in self.keyholders]
+            results = exchange(self.keyholders, request)
             self.metrics.decrypt_seconds(time.perf_counter() - started)
             self.crash.hit("after_decrypt")
             for result in results:

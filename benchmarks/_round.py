@@ -196,3 +196,63 @@ def build_round(
         for u in updates
     ]
     return Round(committee, registry, plan, machine, start, updates, messages, encrypt_s, ncts)
+
+
+_MEMBERS: list[Any] = []  # set before forking: members hold unpicklable keys
+
+
+def _member_main(index: int, messages: Any, inbox: Any, commits: Any, answers: Any) -> None:
+    from edge_sdk.protocol import KeyholderCommit, KeyholderRequest
+
+    member = _MEMBERS[index]
+    t0 = time.perf_counter()
+    for msgs in messages:
+        for topic, payload in msgs:
+            member.witness(topic, payload)
+    witness_s = time.perf_counter() - t0
+    request = KeyholderRequest.from_bytes(inbox.get(timeout=1800), max_size=1 << 30)
+    t1 = time.perf_counter()
+    own = member.handle(request)
+    assert isinstance(own, KeyholderCommit), own
+    commits.put(own.to_bytes())
+    result = None
+    for blob in inbox.get(timeout=1800):
+        got = member.receive_commit(KeyholderCommit.from_bytes(blob))
+        result = result or got
+    assert result is not None and result.status == "ok"
+    answers.put((index, result.to_bytes(), witness_s, time.perf_counter() - t1))
+
+
+class CommitteeProcesses:
+    """Committee members as forked processes: witness, commit phase, shares (benchmarks)."""
+
+    def __init__(self, members: list[Any], messages: Any) -> None:
+        """Fork one process per member; each starts witnessing ``messages`` at once."""
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("fork")
+        _MEMBERS[:] = members
+        self.inboxes = [ctx.Queue() for _ in members]
+        self.commits, self.answers = ctx.Queue(), ctx.Queue()
+        self.procs = [
+            ctx.Process(
+                target=_member_main,
+                args=(i, messages, self.inboxes[i], self.commits, self.answers),
+            )
+            for i in range(len(members))
+        ]
+        for proc in self.procs:
+            proc.start()
+
+    def decrypt(self, request_bytes: bytes) -> list[tuple[int, bytes, float, float]]:
+        """Send the request; relay every commitment to every member; their answers."""
+        for inbox in self.inboxes:
+            inbox.put(request_bytes)
+        commits = [self.commits.get(timeout=1800) for _ in self.procs]
+        for inbox in self.inboxes:
+            inbox.put(commits)
+        got = sorted(self.answers.get(timeout=1800) for _ in self.procs)
+        for proc in self.procs:
+            proc.join(timeout=60)
+        _MEMBERS.clear()
+        return got

@@ -25,6 +25,7 @@ from typing import Any
 
 import gmpy2
 
+from aggregator.keyholder import exchange
 from aggregator.rounds import KeyholderAnswered, MessageReceived, Publish, RequestDecryption
 from aggregator.store import AggregatorStore
 from benchmarks._round import FED, SYNTHETIC, build_round
@@ -56,7 +57,7 @@ def run(quick: bool) -> dict[str, Any]:
         pk = rnd.committee.public_key
         width = pk.ciphertext_bytes
         machine = rnd.machine
-        members = rnd.committee.members(rnd.registry, min_clients=min(devices, 10))[:2]
+        members = rnd.committee.members(rnd.registry, min_clients=min(devices, 10))
         store = AggregatorStore(Path(tmp) / "agg.db", federation=FED)
         for action in rnd.start_actions:
             store.apply(action)
@@ -93,7 +94,7 @@ def run(quick: bool) -> dict[str, Any]:
             for action in pending:
                 if isinstance(action, RequestDecryption):
                     t2 = time.perf_counter()
-                    results = [member.handle(action.request) for member in members]
+                    results = exchange(members, action.request)
                     holders_s = time.perf_counter() - t2
                     out["holders_share_s"] = round(holders_s, 3)
                     t3 = time.perf_counter()

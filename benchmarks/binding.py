@@ -27,7 +27,6 @@ signature.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import statistics
 import tempfile
@@ -39,7 +38,7 @@ import numpy as np
 
 from aggregator.keyholder_config import PolicyTerms
 from aggregator.rounds import KeyholderAnswered, MessageReceived, RequestDecryption
-from benchmarks._round import FED, SYNTHETIC, build_round
+from benchmarks._round import FED, SYNTHETIC, CommitteeProcesses, build_round
 from edge_sdk.crypto import (
     DJNObfuscatorSource,
     ObfuscatorPool,
@@ -51,22 +50,6 @@ from edge_sdk.crypto import (
 from edge_sdk.pipeline import verify_update_binding
 from edge_sdk.protocol import KeyholderRequest, KeyholderResult
 from firmware_sim.committee import InMemoryCommittee
-
-_JOBS: list[Any] = []  # set before forking: members hold unpicklable keys
-
-
-def _member(index: int, go: Any, requests: Any, answers: Any) -> None:
-    member, messages = _JOBS[index]
-    go.wait()
-    t0 = time.perf_counter()
-    for msgs in messages:
-        for topic, payload in msgs:
-            member.witness(topic, payload)
-    witness_s = time.perf_counter() - t0
-    request = KeyholderRequest.from_bytes(requests.get(timeout=1200), max_size=1 << 30)
-    t1 = time.perf_counter()
-    result = member.handle(request)
-    answers.put((index, result.to_bytes(), witness_s, time.perf_counter() - t1))
 
 
 def _device_online(committee: InMemoryCommittee, base: Any, dim: int, tries: int) -> Any:
@@ -112,7 +95,8 @@ def run(quick: bool) -> dict[str, Any]:
         "devices": devices,
         "parameters": dim,
         "key_bits": 2048,
-        "holders": 2,
+        "holders": 3,
+        "threshold": 2,
         "synthetic": SYNTHETIC + "; every rotation carries its own device's binding proof",
     }
     baseline_ms, online_ms, ncts = _device_online(committee, base, dim, 1 if quick else 3)
@@ -142,21 +126,13 @@ def run(quick: bool) -> dict[str, Any]:
             times.append(time.perf_counter() - t1)
         out["holder_verify_ms_per_update"] = round(1000 * statistics.median(times), 2)
 
-        # one process per member: no worker pools inside them
-        members = committee.members(rnd.registry, min_clients=10, policy=policy, workers=1)[:2]
-        ctx = multiprocessing.get_context("fork")
-        _JOBS[:] = [(m, rnd.messages) for m in members]
-        go, answers = ctx.Event(), ctx.Queue()
-        requests = [ctx.Queue() for _ in members]
-        procs = [
-            ctx.Process(target=_member, args=(i, go, requests[i], answers))
-            for i in range(len(members))
-        ]
-        for proc in procs:
-            proc.start()
+        # every member its own process (no worker pools inside): all N take part,
+        # the commit phase needs ceil((N + T) / 2) of them
+        members = committee.members(rnd.registry, min_clients=10, policy=policy, workers=1)
         machine = rnd.machine
         t_round = time.perf_counter()
-        go.set()
+        committee_procs = CommitteeProcesses(members, rnd.messages)
+
         request: KeyholderRequest | None = None
         rejected = 0
         for msgs in rnd.messages:
@@ -170,12 +146,7 @@ def run(quick: bool) -> dict[str, Any]:
                         rejected += 1
         ingest_s = time.perf_counter() - t_round
         assert request is not None and rejected == 0, f"{rejected} updates rejected"
-        for q in requests:
-            q.put(request.to_bytes())
-        got = sorted(answers.get(timeout=1200) for _ in procs)
-        for proc in procs:
-            proc.join(timeout=60)
-        _JOBS.clear()
+        got = committee_procs.decrypt(request.to_bytes())
         t2 = time.perf_counter()
         for _, blob, _, _ in got:
             machine.handle(KeyholderAnswered(result=KeyholderResult.from_bytes(blob), now_ms=4))

@@ -94,6 +94,7 @@ DEFAULT_KEYHOLDER_USER = "keyholder"
 # writes its own, the aggregator reads them all ({holder} = "+").
 KEYHOLDER_REQUEST_TOPIC = "keyholder/request"
 KEYHOLDER_RESULT_TOPIC = "keyholder/result/{holder}"
+KEYHOLDER_COMMIT_TOPIC = "keyholder/commit/{holder}"
 
 Access = Literal["read", "write", "readwrite"]
 Role = Literal["device", "aggregator", "keyholder"]
@@ -168,6 +169,12 @@ def acl_grants(
             TopicGrant(access="read", topic=prefix + "updates/+"),
             TopicGrant(access="read", topic=prefix + KEYHOLDER_REQUEST_TOPIC),
             TopicGrant(access="write", topic=keyholder_result_topic(federation, holder)),
+            # the commit phase: each member's one signed request digest per round
+            TopicGrant(access="read", topic=prefix + KEYHOLDER_COMMIT_TOPIC.format(holder="+")),
+            TopicGrant(
+                access="write",
+                topic=prefix + KEYHOLDER_COMMIT_TOPIC.format(holder=_check_name(holder, "id")),
+            ),
         )
     for device in devices:
         grants[device] = (

@@ -65,6 +65,7 @@ import numpy as np
 import numpy.typing as npt
 
 from aggregator import rounds as agg
+from aggregator.keyholder import exchange
 from aggregator.optimizers import make_optimizer
 from aggregator.planning import RoundPlan, plan_rounds
 from edge_sdk.agent import session as dev
@@ -510,7 +511,7 @@ class _Simulation:
         T-of-N committee answers with its share (or a refusal); the round
         machine verifies and combines them.
         """
-        return [holder.handle(request) for holder in self.keyholders]
+        return exchange(self.keyholders, request)
 
     def _retain(self, action: agg.Publish) -> None:
         parsed = parse_topic(action.topic)

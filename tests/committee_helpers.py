@@ -43,7 +43,9 @@ from firmware_sim.pki import CertificateAuthority
 from tests.reliability_helpers import FED, ServiceThread, delta_for, write_federation
 from tests.test_aggregator_support import make_update, update_messages
 
-HOLDERS = ("keyholder-1", "keyholder-2", "keyholder-3")
+# 2-of-4: the commit phase needs ceil((4 + 2) / 2) = 3 members, so one member
+# may be offline (a 2-of-3 committee needs all three: tests/test_keyholder_checks.py)
+HOLDERS = ("keyholder-1", "keyholder-2", "keyholder-3", "keyholder-4")
 DEVICES = ("d0000", "d0001", "d0002", "d0003")
 DIM = 10
 MIN_CLIENTS = 3
@@ -258,6 +260,7 @@ def make_env(root: Path, keys: tuple[PaillierPublicKey, PaillierPrivateKey]) -> 
         target=len(DEVICES),
         client_id="aggregator",
         transport=tls,
+        holders=len(HOLDERS),
     )
     text = fed.config.read_text()
     head, _, tail = text.partition("[committee]")

@@ -101,6 +101,7 @@ def write_federation(
     round_duration_s: float = 600.0,
     client_id: str = "agg-rel",
     transport: dict[str, Any] | None = None,
+    holders: int = 3,
 ) -> Federation:
     """Write a 2-of-3 ceremony, registry and ``aggregator.toml`` (in-process dev committee)."""
     pk, _ = keys
@@ -108,7 +109,7 @@ def write_federation(
     run_ceremony(
         folder / "keys",
         federation=FED,
-        holders=3,
+        holders=holders,
         threshold=2,
         passphrase=None,
         insecure_unencrypted=True,

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from aggregator.keyholder import KeyHolder
+from aggregator.keyholder import KeyHolder, exchange
 from aggregator.rounds import (
     Action,
     Alert,
@@ -64,8 +64,7 @@ class Driver:
             if isinstance(action, Publish) and action.retain:
                 self.published[action.topic] = action.payload
             if isinstance(action, RequestDecryption):
-                for member in self.members:
-                    result = member.handle(action.request)
+                for result in exchange(self.members, action.request):
                     out += self.feed(KeyholderAnswered(result=result, now_ms=event.now_ms))
         self.log += actions
         return out

@@ -18,7 +18,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from aggregator.keyholder import KeyHolder
+from aggregator.keyholder import KeyHolder, exchange
 from aggregator.keyholder_config import PolicyTerms
 from aggregator.optimizers import FedAvg
 from aggregator.planning import build_announcement, plan_rounds
@@ -115,10 +115,8 @@ class World:
         self.actions += out
         for action in list(out):
             if isinstance(action, RequestDecryption):
-                for member in self.members:
-                    out += self.feed(
-                        KeyholderAnswered(result=member.handle(action.request), now_ms=5_000)
-                    )
+                for result in exchange(self.members, action.request):
+                    out += self.feed(KeyholderAnswered(result=result, now_ms=5_000))
         return out
 
     def update(self, name: str, seed: int = 0, ann: Any = None) -> EncryptedUpdate:

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from aggregator.committee import CommitteeManifest, request_digest
+from aggregator.committee import CommitteeManifest, request_digest, share_context
 from aggregator.keyholder_config import load_member_dir
-from aggregator.threshold import DecryptionShare
+from aggregator.threshold import decryption_share
 from edge_sdk.crypto import CiphertextVector, sum_ciphertexts
 from edge_sdk.identity import DeviceIdentity, DeviceRegistry
 from edge_sdk.protocol import (
     Chunk,
+    KeyholderCommit,
     KeyholderRequest,
     KeyholderResult,
     Reassembler,
@@ -96,20 +97,25 @@ def test_honest_rounds_close_with_three_member_processes(env: Env) -> None:
 
 
 def test_round_closes_with_one_member_offline(env: Env) -> None:
-    env.committee.start(only=[0, 1])  # keyholder-3 never runs
+    env.committee.start(only=[0, 1, 2])  # keyholder-4 never runs
     env.start_service()
     env.start_devices()
     env.close_round(1)
     results = env.check_released(1)
-    assert {r.holder_id for r in results if r.status == "ok"} == {"keyholder-1", "keyholder-2"}
-    assert env.state("keyholder-3") == {}
+    assert {r.holder_id for r in results if r.status == "ok"} <= {
+        "keyholder-1",
+        "keyholder-2",
+        "keyholder-3",
+    }
+    assert len({r.holder_id for r in results if r.status == "ok"}) >= 2
+    assert env.state("keyholder-4") == {}
 
 
 # ------------------------------------------------------------------ SIGKILL and restart
 
 
 def test_member_killed_mid_round_restarts_and_never_answers_two_sums(env: Env) -> None:
-    env.committee.start(only=[0, 1])  # T = 2 of these two: keyholder-1 is needed
+    env.committee.start(only=[0, 1, 2])  # commit quorum 3 of these three: keyholder-1 is needed
     env.start_service()
     env.start_devices()
     first = DEVICES[:-1]
@@ -126,7 +132,8 @@ def test_member_killed_mid_round_restarts_and_never_answers_two_sums(env: Env) -
     # fourth and the request from its durable broker session (or a re-ask)
     wait_for(lambda: env.phase(1) == "done", "round 1 after the restart", timeout=30)
     results = env.check_released(1)
-    assert {r.holder_id for r in results if r.status == "ok"} == {"keyholder-1", "keyholder-2"}
+    released = {r.holder_id for r in results if r.status == "ok"}
+    assert len(released) >= 2 and released <= {"keyholder-1", "keyholder-2", "keyholder-3"}
     digest = request_digest(_request(env, 1)).hex()
     assert env.state("keyholder-1") == {"1": digest}
     # killed between rounds, restarted: round 2 still closes
@@ -280,9 +287,20 @@ def test_corrupted_share_is_named_and_the_round_decrypts_with_the_others(
         if whole is None:
             return
         request = KeyholderRequest.from_bytes(whole)
-        result = member.handle(request)
-        assert result.status == "ok", result.reason
-        share = DecryptionShare.from_bytes(result.share, manifest.public)
+        commit = member.handle(request)
+        assert isinstance(commit, KeyholderCommit), commit
+        # the spoofing member commits like an honest one (so the others can release) ...
+        spoof.publish(Topics(FED).keyholder_commit("keyholder-1"), commit.to_bytes())
+        # ... and sends a corrupted share of its own
+        values = CiphertextVector.from_bytes(
+            request.encrypted_sum,
+            env.public_key,
+            len(request.encrypted_sum) // env.public_key.ciphertext_bytes,
+        ).values
+        share = decryption_share(member.share, values, context=share_context(request))
+        result = member._result(
+            request, "ok", "", len(request.proofs()), share.to_bytes(manifest.public)
+        )
         bad = dataclasses.replace(share, values=((share.values[0] * 2) % n2, *share.values[1:]))
         unsigned = dataclasses.replace(result, share=bad.to_bytes(manifest.public), signature=b"")
         forged = dataclasses.replace(unsigned, signature=identity.sign(unsigned.signed_bytes()))

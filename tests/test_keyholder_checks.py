@@ -14,12 +14,18 @@ import numpy as np
 import pytest
 
 from aggregator.committee import CommitteeVerifier, share_context
-from aggregator.keyholder import KeyHolder
+from aggregator.keyholder import KeyHolder, exchange
 from aggregator.rounds import Start
 from aggregator.threshold import DecryptionShare, InsufficientSharesError, combine, verify_share
 from edge_sdk.crypto import CiphertextVector, sum_ciphertexts, unpack_sum
 from edge_sdk.errors import InvalidSignatureError
-from edge_sdk.protocol import ContributorProof, EncryptedUpdate, KeyholderRequest, Topics
+from edge_sdk.protocol import (
+    ContributorProof,
+    EncryptedUpdate,
+    KeyholderCommit,
+    KeyholderRequest,
+    Topics,
+)
 from tests import test_aggregator_support as _support
 from tests.test_aggregator_support import (
     FED,
@@ -101,8 +107,9 @@ def _decrypt(s: dict[str, Any], request: KeyholderRequest, members: list[KeyHold
         request.encrypted_sum, s["pk"], s["spec"].num_plaintexts(DIM)
     ).values
     shares = []
+    answers = {r.holder_id: r for r in exchange(members, request)}
     for member in members:
-        result = member.handle(request)
+        result = answers[member.holder_id]
         assert result.status == "ok", result.reason
         share = verifier.check(request, values, result)
         assert share is not None
@@ -116,6 +123,7 @@ def test_any_two_of_three_decrypt_the_quorum_sum_exactly(setup: dict[str, Any]) 
     ups = [u for u, _ in setup["ups"][:3]]
     request = _request(setup, ups)
     expected = np.sum([v for _, v in setup["ups"][:3]], axis=0)
+    exchange(members, request)  # every member commits; shares follow the commit quorum
     for pair in ((0, 1), (0, 2), (1, 2)):
         got = _decrypt(setup, request, [members[i] for i in pair])
         np.testing.assert_array_equal(got, expected)
@@ -125,7 +133,7 @@ def test_one_member_alone_cannot_decrypt(setup: dict[str, Any]) -> None:
     members = _members(setup)
     request = _request(setup, [u for u, _ in setup["ups"][:3]])
     public = setup["committee"].manifest.public
-    result = members[0].handle(request)
+    result = exchange(members, request)[0]
     share = DecryptionShare.from_bytes(result.share, public)
     with pytest.raises(InsufficientSharesError):
         combine(public, len(share.values), [share])
@@ -134,7 +142,7 @@ def test_one_member_alone_cannot_decrypt(setup: dict[str, Any]) -> None:
 def test_results_are_signed_by_the_member(setup: dict[str, Any]) -> None:
     members = _members(setup)
     request = _request(setup, [u for u, _ in setup["ups"][:3]])
-    result = members[0].handle(request)
+    result = exchange(members, request)[0]
     forged = type(result)(
         **{f: getattr(result, f) for f in result.RULES if f not in ("holder_id", "signature")},
         holder_id="keyholder-2",
@@ -150,7 +158,7 @@ def test_a_corrupted_share_is_named_and_the_others_still_decrypt(setup: dict[str
     members = _members(setup)
     request = _request(setup, [u for u, _ in setup["ups"][:3]])
     public = setup["committee"].manifest.public
-    good = DecryptionShare.from_bytes(members[0].handle(request).share, public)
+    good = DecryptionShare.from_bytes(exchange(members, request)[0].share, public)
     bad = DecryptionShare(
         index=good.index,
         values=(good.values[0] * 2 % public.nsquare, *good.values[1:]),
@@ -217,8 +225,9 @@ def test_refuses_a_noise_spec_other_than_the_contributors(setup: dict[str, Any])
 def test_one_sum_per_round_but_idempotent(setup: dict[str, Any]) -> None:
     members = _members(setup)
     a = _request(setup, [u for u, _ in setup["ups"][:3]])
-    assert members[0].handle(a).status == "ok"
-    assert members[0].handle(a).status == "ok"  # the same request again (aggregator restart)
+    assert {r.status for r in exchange(members, a)} == {"ok"}
+    # the same request again (aggregator restart): the same answers
+    assert {r.status for r in exchange(members, a)} == {"ok"}
     b = _request(setup, [u for u, _ in setup["ups"][1:4]], request_id="req2")
     result = members[0].handle(b)
     assert result.status == "refused" and result.reason == "round_already_decrypted"
@@ -231,7 +240,7 @@ def test_single_ciphertext_sum_is_refused_by_every_member(setup: dict[str, Any])
     lying = _request(setup, ups, encrypted_sum=ups[0].ciphertexts)
     assert {m.handle(lying).reason for m in members} == {"verify_sum_mismatch"}
     honest = _request(setup, ups)
-    assert all(m.handle(honest).status == "ok" for m in members)
+    assert [r.status for r in exchange(members, honest)] == ["ok"] * 3
 
 
 def test_sum_over_another_device_list_is_refused(setup: dict[str, Any]) -> None:
@@ -257,7 +266,7 @@ def test_replayed_sum_of_an_earlier_round_is_refused(setup: dict[str, Any]) -> N
     members = _members(setup)
     ups = [u for u, _ in setup["ups"][:3]]
     r1 = _request(setup, ups)
-    assert members[0].handle(r1).status == "ok"
+    assert {r.status for r in exchange(members, r1)} == {"ok"}
     fields = {f: getattr(r1, f) for f in r1.RULES}
     fields.update(round_id=2, request_id="r2")
     # same sum, same proofs, relabelled round 2: the proofs name round 1
@@ -282,7 +291,7 @@ def test_bogus_future_round_update_changes_nothing(setup: dict[str, Any]) -> Non
         members[0].witness(topic, payload)
     request = _request(setup, [u for u, _ in setup["ups"][:3]])
     assert members[0].missing(request) == 0
-    assert members[0].handle(request).status == "ok"
+    assert {r.status for r in exchange(members, request)} == {"ok"}
 
 
 def test_witness_state_is_bounded_per_device(setup: dict[str, Any]) -> None:
@@ -310,3 +319,38 @@ def test_chunks_on_another_devices_topic_are_ignored(setup: dict[str, Any]) -> N
     }
     assert outcomes == {"topic_mismatch"}
     assert member.witnessed("dev00", 1) is None and member.witnessed("dev03", 1) is None
+
+
+def test_split_view_two_sums_to_two_halves_of_the_committee_decrypts_neither(
+    setup: dict[str, Any],
+) -> None:
+    """A dishonest aggregator shows sum A to one honest member and sum B (A plus a victim)
+    to the other, with the colluding third member answering both: without agreement the
+    difference of the two decrypted sums is the victim's update. The commit phase needs
+    ceil((N + T) / 2) = 3 commitments to the same request: neither sum gets them."""
+    honest_1, honest_2, colluder = _members(setup)
+    ups = [u for u, _ in setup["ups"]]
+    a = _request(setup, ups[:3], request_id="a")
+    b = _request(setup, ups[:4], request_id="b")
+    commit_a = honest_1.handle(a)
+    commit_b = honest_2.handle(b)
+    assert isinstance(commit_a, KeyholderCommit) and isinstance(commit_b, KeyholderCommit)
+    # the colluder commits to both (equivocation), and the aggregator forwards
+    # each honest member's commitment only to "its" side
+    for request, honest, other_commit in ((a, honest_1, commit_b), (b, honest_2, commit_a)):
+        twin = _members(setup)[2]  # a fresh copy of the colluder: no memory of the other sum
+        colluder_commit = twin.handle(request)
+        assert isinstance(colluder_commit, KeyholderCommit)
+        assert honest.receive_commit(colluder_commit) is None  # 2 of 3: not enough
+        assert honest.receive_commit(other_commit) is None  # the other honest one: another digest
+    assert honest_1.counters.get("ok") is None and honest_2.counters.get("ok") is None
+    # and the colluder's two commitments reaching one honest member count once
+    assert honest_1.receive_commit(colluder.handle(b)) is None  # type: ignore[arg-type]
+
+
+def test_commit_quorum_is_n_plus_t_over_two(setup: dict[str, Any]) -> None:
+    members = _members(setup)
+    assert {m.commit_quorum for m in members} == {3}  # 2-of-3
+    request = _request(setup, [u for u, _ in setup["ups"][:3]])
+    # with one member offline the 2-of-3 committee cannot release (liveness cost)
+    assert exchange(members[:2], request) == []

@@ -12,12 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
+from aggregator.committee import request_digest
 from aggregator.keyholder_service import KeyholderService
 from aggregator.planning import build_announcement
 from edge_sdk.crypto import CiphertextVector, PaillierPrivateKey, PaillierPublicKey, sum_ciphertexts
 from edge_sdk.protocol import (
     Chunk,
     GlobalModel,
+    KeyholderCommit,
     KeyholderRequest,
     KeyholderResult,
     Reassembler,
@@ -129,6 +131,20 @@ def _vectors(pk: PaillierPublicKey, updates) -> list[CiphertextVector]:  # type:
     return [CiphertextVector.from_bytes(u.ciphertexts, pk, u.num_ciphertexts) for u in updates]
 
 
+def _co_commit(broker: MemoryBroker, fleet: Fleet, updates, request: KeyholderRequest) -> None:  # type: ignore[no-untyped-def]
+    """The other two members (in memory) witness the updates and publish their commitments."""
+    others = make_keyholders(_support._default_committee(), fleet)[1:]
+    for member in others:
+        for update in updates:
+            for topic, payload in update_messages(update):
+                member.witness(topic, payload)
+        commit = member.handle(request)
+        assert isinstance(commit, KeyholderCommit), commit
+        transport = broker.transport(f"{member.holder_id}-co")
+        transport.connect()
+        transport.publish(T.keyholder_commit(member.holder_id), commit.to_bytes())
+
+
 def test_honest_sum_is_decrypted(keypair, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     pk, _ = keypair
     fleet, broker, _svc, aggregator, results, _clock, ann = _setup(keypair, tmp_path)
@@ -137,7 +153,10 @@ def test_honest_sum_is_decrypted(keypair, tmp_path: Path) -> None:  # type: igno
         for d, x in zip(fleet.ids()[:3], deltas(3, DIM), strict=True)
     ]
     _publish_updates(broker, updates)
-    _ask(aggregator, _request(ann, updates, sum_ciphertexts(pk, _vectors(pk, updates)).to_bytes()))
+    request = _request(ann, updates, sum_ciphertexts(pk, _vectors(pk, updates)).to_bytes())
+    _ask(aggregator, request)
+    assert results == []  # committed; the share waits for the commit quorum (3 of 3)
+    _co_commit(broker, fleet, updates, request)
     assert [r.status for r in results] == ["ok"] and results[0].count == 3
 
 
@@ -184,6 +203,7 @@ def test_late_witnessed_blob_lets_the_re_ask_succeed(keypair, tmp_path: Path) ->
     _publish_updates(broker, updates[2:])
     clock.now = 5.0
     _ask(aggregator, request)
+    _co_commit(broker, fleet, updates, request)
     assert [r.status for r in results] == ["ok"]
 
 
@@ -228,6 +248,7 @@ def test_restarted_member_reloads_what_it_witnessed(keypair, tmp_path: Path) -> 
     request = _request(ann, updates, sum_ciphertexts(pk, _vectors(pk, updates)).to_bytes())
     assert restarted.missing(request) == 0
     result = restarted.handle(request)
-    assert result.status == "ok"
+    assert isinstance(result, KeyholderCommit)  # it commits again to this request
+    assert result.request_digest == request_digest(request)
     second._prune()
     assert list(state.parent.rglob("*.upd")) == []  # answered: the blobs are gone

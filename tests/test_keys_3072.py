@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from aggregator.keyholder import exchange
 from aggregator.keyholder_config import PolicyTerms
 from aggregator.optimizers import FedAvg
 from aggregator.planning import plan_rounds
@@ -79,8 +80,9 @@ def test_a_3072_bit_round_decrypts_exactly_with_binding(tmp_path: Path) -> None:
                     requests.append(action.request)
     (request,) = requests
     done = []
-    for member in members[1:]:  # any T = 2 of the 3
-        done += machine.handle(KeyholderAnswered(result=member.handle(request), now_ms=3))
+    answers = exchange(members, request)  # all three commit; then any T = 2 shares
+    for result in answers[1:]:
+        done += machine.handle(KeyholderAnswered(result=result, now_ms=3))
     commits = [a for a in done if type(a).__name__ == "Commit"]
     record = next(r for c in commits for r in c.records if r.phase == "done")  # type: ignore[attr-defined]
     _, released = round_outcome(record.result)

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from aggregator import rounds as rounds_module
+from aggregator.keyholder import exchange
 from aggregator.rounds import (
     Alert,
     KeyholderAnswered,
@@ -250,7 +251,8 @@ def test_forged_keyholder_result_is_refused_and_the_genuine_one_applies(
             actions = machine.handle(MessageReceived(topic=topic, payload=payload, now_ms=2_000))
             requests += [a.request for a in actions if isinstance(a, RequestDecryption)]
     (request,) = requests
-    genuine = members[0].handle(request)
+    answers = exchange(members, request)  # the commit phase, then each member's share
+    genuine = answers[0]
     # the same share re-signed by a key that is not the member's own
     impostor = DeviceIdentity.generate("keyholder-1")
     forged = dataclasses.replace(genuine, signature=impostor.sign(genuine.signed_bytes()))
@@ -262,5 +264,5 @@ def test_forged_keyholder_result_is_refused_and_the_genuine_one_applies(
     assert machine.model.version == 0
     machine.handle(KeyholderAnswered(result=genuine, now_ms=3_000))
     assert machine.model.version == 0  # one share of two
-    machine.handle(KeyholderAnswered(result=members[2].handle(request), now_ms=3_000))
+    machine.handle(KeyholderAnswered(result=answers[2], now_ms=3_000))
     assert machine.model.version == 1 and machine.round_id == 2

@@ -49,6 +49,7 @@ __all__ = [
     "DeviceStatus",
     "EncryptedUpdate",
     "GlobalModel",
+    "KeyholderCommit",
     "KeyholderRequest",
     "KeyholderResult",
     "Receipt",
@@ -606,6 +607,48 @@ class KeyholderResult(Message):
     def signed_bytes(self) -> bytes:
         """Bytes the key holder signs (everything but the signature)."""
         return self._signature_view("kh-result-sig")
+
+
+@register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeyholderCommit(Message):
+    """A committee member's commitment: the one request it answers for a round.
+
+    Each member signs at most one request digest per round and releases its
+    decryption share only once it holds commitments to the SAME digest from
+    a commit quorum of ``ceil((N + T) / 2)`` members. Any two such quorums
+    share at least ``T`` members, so with fewer than ``T`` dishonest members
+    no two different sums of one round can both be decrypted (a dishonest
+    aggregator showing different sums to different members gets neither).
+
+    Attributes:
+        federation, round_id: the round.
+        holder_id: the committing member.
+        request_digest: :func:`aggregator.committee.request_digest` of the request.
+        issued_ms: when committed.
+        signature: the member's Ed25519 signature over :meth:`signed_bytes`.
+    """
+
+    KIND: ClassVar[str] = "kh_commit"
+    RULES: ClassVar[dict[str, Rule]] = {
+        "federation": _FED,
+        "round_id": _ROUND,
+        "holder_id": _ID,
+        "request_digest": _DIGEST,
+        "issued_ms": _TIME,
+        "signature": _OPT_SIG,
+    }
+
+    federation: str
+    round_id: int
+    holder_id: str
+    request_digest: bytes
+    issued_ms: int
+    signature: bytes = b""
+
+    def signed_bytes(self) -> bytes:
+        """Bytes the member signs (everything but the signature)."""
+        return self._signature_view("kh-commit-sig")
 
 
 def decode_message(payload: bytes, *, max_size: int | None = None) -> Message:

@@ -9,6 +9,7 @@
 | ``status/{device}`` | device -> aggregator | yes | DeviceStatus (last will: offline) |
 | ``keyholder/request`` | aggregator -> key holder | no | KeyholderRequest (chunked if large) |
 | ``keyholder/result/{holder}`` | committee member -> aggregator | no | KeyholderResult (chunked) |
+| ``keyholder/commit/{holder}`` | committee member -> members | no | KeyholderCommit |
 """
 
 from __future__ import annotations
@@ -89,6 +90,15 @@ class Topics:
         """One committee member's results to the aggregator."""
         return f"{self.base}/keyholder/result/{_check_name('holder_id', holder_id)}"
 
+    def keyholder_commit(self, holder_id: str) -> str:
+        """One committee member's commitments (the request digest it answers per round)."""
+        return f"{self.base}/keyholder/commit/{_check_name('holder_id', holder_id)}"
+
+    @property
+    def keyholder_commit_filter(self) -> str:
+        """Subscription filter for every member's commitments."""
+        return f"{self.base}/keyholder/commit/+"
+
     @property
     def keyholder_result_filter(self) -> str:
         """Subscription filter for every committee member's results."""
@@ -121,4 +131,6 @@ def parse_topic(topic: str) -> ParsedTopic | None:
         return ParsedTopic(federation, "keyholder/request")
     if len(rest) == 3 and rest[:2] == ["keyholder", "result"] and _NAME.fullmatch(rest[2]):
         return ParsedTopic(federation, "keyholder/result", device_id=rest[2])
+    if len(rest) == 3 and rest[:2] == ["keyholder", "commit"] and _NAME.fullmatch(rest[2]):
+        return ParsedTopic(federation, "keyholder/commit", device_id=rest[2])
     return None
