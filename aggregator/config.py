@@ -86,7 +86,7 @@ mode = "remote"                      # remote | inprocess-insecure-dev
 # inprocess-insecure-dev runs the members inside the aggregator's process:
 # whoever runs the aggregator then holds T shares, i.e. the whole secret key.
 # For a laptop demo only; never for real data.
-# members = ["keys/keyholder-1", "keys/keyholder-2"]
+# members = ["keys/keyholder-1", "keys/keyholder-2", "keys/keyholder-3"]
 # passphrase_file = ""               # else $EDGEFL_KEY_PASSPHRASE
 
 [transport]
@@ -226,10 +226,11 @@ def build_dev_members(
     from edge_sdk.crypto import read_passphrase
 
     members = cfg.committee.get("members") or []
-    if len(members) < manifest.threshold:
+    quorum = -(-(manifest.size + manifest.threshold) // 2)
+    if len(members) < quorum:
         raise ConfigError(
-            f"[committee] inprocess-insecure-dev needs at least T = {manifest.threshold} "
-            f"member folders in members, got {len(members)}"
+            f"[committee] inprocess-insecure-dev needs the commit quorum, "
+            f"ceil((N + T) / 2) = {quorum} member folders in members, got {len(members)}"
         )
     passfile = cfg.committee.get("passphrase_file") or None
     passphrase = read_passphrase(cfg.path(passfile) if passfile else None)

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import signal
-import threading
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from edge_sdk.cli import EXIT_FAILURE, EXIT_OK, emit
@@ -170,36 +167,37 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from edge_sdk.agent import DeviceAgent, ModelTrainer, load_device_config, transport_config
+    from edge_sdk.agent import (
+        DeviceAgent,
+        ModelTrainer,
+        Trainer,
+        load_device_config,
+        load_trainer,
+        transport_config,
+    )
     from edge_sdk.transport import MqttTransport
 
     config = load_device_config(args.config)
-    if "data" not in config.training:
-        raise ConfigError("[training] data (an .npz with x and y) is required to run")
-    x, y = _load_data(config.training["data"])
-    trainer = ModelTrainer(build_model(config.training), x, y)
+    trainer: Trainer
+    spec = str(config.training.get("model", ""))
+    if ":" in spec:  # package.module:factory named by this device's own config file
+        trainer = load_trainer(spec, config.training)
+    else:
+        if "data" not in config.training:
+            raise ConfigError("[training] data (an .npz with x and y) is required to run")
+        x, y = _load_data(config.training["data"])
+        trainer = ModelTrainer(build_model(config.training), x, y)
     transport = MqttTransport(transport_config(config))
     agent = DeviceAgent(config, trainer, transport)
-    done = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        done.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    agent.start()
     print(
-        f"device {config.device_id} running (federation {config.federation}, broker "
+        f"device {config.device_id} starting (federation {config.federation}, broker "
         f"{config.broker['url']}); Ctrl-C to stop",
         flush=True,
     )
-    try:
-        while not done.wait(0.5):
-            if agent.error is not None:
-                print(f"edgefl device: error: {agent.error}", flush=True)
-                return EXIT_FAILURE
-    finally:
-        agent.stop()
+    code = agent.run_forever()
+    if code != EXIT_OK:
+        print(f"edgefl device: error: {agent.error}", flush=True)
+        return EXIT_FAILURE
     return EXIT_OK
 
 

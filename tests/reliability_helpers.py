@@ -150,7 +150,7 @@ tick_s = 0.1
 [committee]
 manifest = "keys/committee.json"
 mode = "inprocess-insecure-dev"
-members = ["keys/keyholder-1", "keys/keyholder-2"]
+members = ["keys/keyholder-1", "keys/keyholder-2", "keys/keyholder-3"]
 allow_unencrypted_key = true
 
 [transport]

@@ -160,7 +160,7 @@ momentum = 0.5
 [committee]
 manifest = "keys/committee.json"
 mode = "inprocess-insecure-dev"
-members = ["keys/keyholder-1", "keys/keyholder-2"]
+members = ["keys/keyholder-1", "keys/keyholder-2", "keys/keyholder-3"]
 
 [transport]
 url = "{broker.url}"

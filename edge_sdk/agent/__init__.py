@@ -6,16 +6,18 @@ drives it with a transport, the disk (ledger, outbox, model) and a trainer.
 
 from edge_sdk.agent.config import DeviceConfig, load_device_config
 from edge_sdk.agent.outbox import Outbox
-from edge_sdk.agent.runner import (
-    AgentHalt,
-    AgentHooks,
-    DeviceAgent,
-    Trainer,
-    TrainResult,
-    transport_config,
-)
+from edge_sdk.agent.runner import AgentHalt, AgentHooks, DeviceAgent, transport_config
 from edge_sdk.agent.session import DeviceSession, OutboxEntry, Phase
-from edge_sdk.agent.trainer import ModelTrainer, train_config_from
+from edge_sdk.agent.trainer import (
+    EvaluateResult,
+    FitResult,
+    ModelTrainer,
+    Trainer,
+    TrainerContractError,
+    TrainResult,
+    load_trainer,
+    train_config_from,
+)
 
 __all__ = [
     "AgentHalt",
@@ -23,13 +25,17 @@ __all__ = [
     "DeviceAgent",
     "DeviceConfig",
     "DeviceSession",
+    "EvaluateResult",
+    "FitResult",
     "ModelTrainer",
     "Outbox",
     "OutboxEntry",
     "Phase",
     "TrainResult",
     "Trainer",
+    "TrainerContractError",
     "load_device_config",
+    "load_trainer",
     "train_config_from",
     "transport_config",
 ]

@@ -176,7 +176,9 @@ def load_device_config(
         if not isinstance(values, dict):
             raise ConfigError(f"[{section}] must be a table")
         unknown = set(values) - _SECTIONS[section]
-        if unknown:
+        # model = "package.module:factory": the whole table goes to the factory
+        factory = section == "training" and ":" in str(values.get("model", ""))
+        if unknown and not factory:
             raise ConfigError(f"unknown key(s) in [{section}]: {', '.join(sorted(unknown))}")
 
     def need(section: str, key: str) -> Any:

@@ -21,15 +21,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 from edge_sdk._fs import atomic_write
 from edge_sdk.agent.config import DeviceConfig
@@ -52,6 +52,14 @@ from edge_sdk.agent.session import (
     Tick,
     UpdateFailed,
     UpdateReady,
+)
+from edge_sdk.agent.trainer import (
+    EvaluateResult,
+    FloatVec,
+    Trainer,
+    TrainResult,
+    check_evaluate_result,
+    check_fit_result,
 )
 from edge_sdk.crypto import (
     BackgroundFill,
@@ -97,8 +105,6 @@ __all__ = ["AgentHalt", "AgentHooks", "DeviceAgent", "TrainResult", "Trainer", "
 
 log = logging.getLogger(__name__)
 
-FloatVec = npt.NDArray[np.float32]
-
 
 class AgentHalt(Exception):
     """Raised by a hook to stop the agent at once (a simulated power loss).
@@ -106,27 +112,6 @@ class AgentHalt(Exception):
     The worker thread ends without cleanup, as a reboot would end it; what
     was made durable before (ledger, outbox) is what a restarted agent finds.
     """
-
-
-@dataclass(frozen=True, slots=True)
-class TrainResult:
-    """What local training returns."""
-
-    weights: FloatVec
-    metrics: Mapping[str, float]
-
-
-class Trainer(Protocol):
-    """Local training as the agent sees it."""
-
-    @property
-    def num_params(self) -> int:
-        """Length of the flat weight vector."""
-        ...
-
-    def train(self, weights: FloatVec, config: Mapping[str, Any], seed: int) -> TrainResult:
-        """Train from ``weights`` on local data; return the new weights."""
-        ...
 
 
 @dataclass(slots=True)
@@ -280,6 +265,7 @@ class DeviceAgent:
         self._stop = threading.Event()
         self.rejected_inbound = 0
         self.last_metrics: dict[str, float] = {}
+        self.last_evaluation: EvaluateResult | None = None
         self.last_private: PrivatizedUpdate | None = None
         self._filler: BackgroundFill | None = None
         self.rounds_sent: list[int] = []
@@ -319,6 +305,51 @@ class DeviceAgent:
         )
         self._thread.start()
         self.transport.connect(timeout=connect_timeout)
+
+    def run_forever(
+        self,
+        *,
+        connect_timeout: float | None = None,
+        stop_event: threading.Event | None = None,
+        handle_signals: bool = True,
+        poll_s: float = 0.5,
+    ) -> int:
+        """Start, run until SIGTERM / SIGINT (or ``stop_event``), stop cleanly.
+
+        This is the loop ``edgefl device run`` runs. Signal handlers are
+        installed only when called on the main thread (and ``handle_signals``),
+        and the previous handlers are restored on return.
+
+        Args:
+            connect_timeout: passed to :meth:`start`.
+            stop_event: set it (from any thread) to stop the agent.
+            handle_signals: install SIGTERM / SIGINT handlers that stop the agent.
+            poll_s: how often the worker's health is checked.
+
+        Returns:
+            0 when stopped on request (signal or ``stop_event``), 1 when the
+            worker stopped on an error (then in :attr:`error`).
+        """
+        done = stop_event if stop_event is not None else threading.Event()
+        previous: dict[int, Any] = {}
+        if handle_signals and threading.current_thread() is threading.main_thread():
+
+            def on_signal(signum: int, frame: object) -> None:
+                log.info("device agent %s: signal %d, stopping", self.config.device_id, signum)
+                done.set()
+
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[int(sig)] = signal.signal(sig, on_signal)
+        try:
+            self.start(connect_timeout=connect_timeout)
+            while not done.wait(poll_s):
+                if self.error is not None:
+                    break
+        finally:
+            self.stop()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        return 1 if self.error is not None else 0
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the worker and close the transport (publishing status offline)."""
@@ -467,6 +498,16 @@ class DeviceAgent:
         atomic_write(self.config.model_file, model.to_bytes(), mode=0o600)
         self.model = model
         self.weights = np.frombuffer(model.weights, dtype="<f4").astype(np.float32)
+        self.last_evaluation = check_evaluate_result(
+            self.trainer, self.trainer.evaluate(self.weights.copy())
+        )
+        log.info(
+            "global model v%d: local loss %.4g on %d examples %s",
+            model.version,
+            self.last_evaluation.loss,
+            self.last_evaluation.num_examples,
+            dict(self.last_evaluation.metrics),
+        )
 
     def _prepare(self, ann: RoundAnnouncement) -> Event:
         now = self.clock()
@@ -492,8 +533,12 @@ class DeviceAgent:
         if self.weights is None or self.model is None:
             return fail("no_model")
         started = time.perf_counter()
-        result = self.trainer.train(
-            self.weights.copy(), ann.train_config(), seed=(ann.round_id * 1_000_003) % 2**31
+        result = check_fit_result(
+            self.trainer,
+            self.trainer.fit(
+                self.weights.copy(), ann.train_config(), seed=(ann.round_id * 1_000_003) % 2**31
+            ),
+            self.trainer.num_params,
         )
         if self.hooks.slowdown > 1.0:
             time.sleep((time.perf_counter() - started) * (self.hooks.slowdown - 1.0))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from edge_sdk.models.base import (
     FloatArray,
     Model,
+    SGDTrainable,
     TrainConfig,
     TrainReport,
     WeightLayout,
@@ -34,6 +35,7 @@ __all__ = [
     "LogisticRegression",
     "Model",
     "OnnxModel",
+    "SGDTrainable",
     "SoftmaxRegression",
     "TrainConfig",
     "TrainReport",
