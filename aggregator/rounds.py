@@ -411,6 +411,7 @@ class RoundMachine:
         self._accepted: dict[str, ContributorProof] = {}
         self._history: dict[int, dict[str, bytes]] = {}
         self._request: KeyholderRequest | None = None
+        self._previous_request_id: str | None = None
         self._last_request_ms = 0
         self._reset_shares()
 
@@ -563,6 +564,8 @@ class RoundMachine:
         self._announcement = ann
         self._acc = CiphertextAccumulator(self.public_key, self._num_ct)
         self._accepted = {}
+        if self._request is not None:  # late shares for it are expected, not suspicious
+            self._previous_request_id = self._request.request_id
         self._request = None
         self._reset_shares()
         self._history[round_id] = {}
@@ -821,6 +824,9 @@ class RoundMachine:
             or result.request_id != request.request_id
             or result.federation != self.config.federation
         ):
+            done_ids = {self._previous_request_id, request.request_id if request else None}
+            if result.request_id in done_ids and result.federation == self.config.federation:
+                return []  # a member beyond the first T answering the last round: expected
             return [
                 Rejected(device_id=None, round_id=result.round_id, reason="stale_keyholder_result")
             ]

@@ -102,6 +102,7 @@ def test_kind_table_is_closed() -> None:
         "chunk",
         "kh_request",
         "kh_result",
+        "kh_commit",
     }
 
 

@@ -143,6 +143,8 @@ def test_malformed_and_oversize_input_is_dropped_once_and_honest_devices_unaffec
             round_outcome(rec.result)[1],
             fleet.reference_sum(1),
         )
-        assert sum(store.rejection_counts().values()) == n_bad + 1
+        assert sum(store.rejection_counts().values()) == n_bad + 1, sorted(
+            store.rejection_counts().items()
+        )
     finally:
         store.close()
