@@ -79,13 +79,10 @@ import numpy.typing as npt
 
 from edge_sdk.crypto.keyfile import (
     _SCRYPT_DEFAULT,
-    _SCRYPT_MAX_N,
-    _aad,
     _atomic_write,
-    _b64,
     _check_permissions,
-    _derive,
     _read_json,
+    _seal_payload,
     _unseal_payload,
 )
 from edge_sdk.crypto.keys import MAX_KEY_BITS, MIN_KEY_BITS, PaillierPublicKey
@@ -711,20 +708,8 @@ def save_share(
                 "a passphrase is required to save a share "
                 "(or pass insecure_unencrypted=True explicitly)"
             )
-        secret = passphrase.encode("utf-8") if isinstance(passphrase, str) else bytes(passphrase)
-        if not secret:
-            raise ValueError("the passphrase must not be empty")
-        if scrypt_n < 2 or scrypt_n & (scrypt_n - 1) or scrypt_n > _SCRYPT_MAX_N:
-            raise ValueError(f"scrypt_n must be a power of two in [2, 2^20], got {scrypt_n}")
-        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-        salt, nonce = os.urandom(16), os.urandom(12)
-        cost_r, cost_p = _SCRYPT_DEFAULT["r"], _SCRYPT_DEFAULT["p"]
-        key = _derive(secret, salt, scrypt_n, cost_r, cost_p)
-        kdf = {"name": "scrypt", "n": scrypt_n, "r": cost_r, "p": cost_p, "salt": _b64(salt)}
-        header = dict(header, protection="scrypt-aes256gcm", kdf=kdf, nonce=_b64(nonce))
         payload = share.secret.to_bytes(committee.ciphertext_bytes, "big")
-        doc = dict(header, ciphertext=_b64(AESGCM(key).encrypt(nonce, payload, _aad(header))))
+        doc = _seal_payload(header, payload, passphrase, scrypt_n)
     target = Path(path)
     _atomic_write(target, (json.dumps(doc, indent=2) + "\n").encode(), 0o600, overwrite=overwrite)
     return target

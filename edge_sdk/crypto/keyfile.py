@@ -214,29 +214,37 @@ def save_private_key(
                 "a passphrase is required to save a secret key "
                 "(or pass insecure_unencrypted=True explicitly)"
             )
-        secret = passphrase.encode("utf-8") if isinstance(passphrase, str) else bytes(passphrase)
-        if not secret:
-            raise ValueError("the passphrase must not be empty")
-        if scrypt_n < 2 or scrypt_n & (scrypt_n - 1) or scrypt_n > _SCRYPT_MAX_N:
-            raise ValueError(f"scrypt_n must be a power of two in [2, 2^20], got {scrypt_n}")
-        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-        salt, nonce = os.urandom(16), os.urandom(12)
-        cost_r, cost_p = _SCRYPT_DEFAULT["r"], _SCRYPT_DEFAULT["p"]
-        key = _derive(secret, salt, scrypt_n, cost_r, cost_p)
-        kdf: dict[str, Any] = {
-            "name": "scrypt",
-            "n": scrypt_n,
-            "r": cost_r,
-            "p": cost_p,
-            "salt": _b64(salt),
-        }
-        header = dict(header, protection="scrypt-aes256gcm", kdf=kdf, nonce=_b64(nonce))
-        sealed = AESGCM(key).encrypt(nonce, _secret_payload(private_key), _aad(header))
-        doc = dict(header, ciphertext=_b64(sealed))
+        doc = _seal_payload(header, _secret_payload(private_key), passphrase, scrypt_n)
     target = Path(path)
     _atomic_write(target, (json.dumps(doc, indent=2) + "\n").encode(), 0o600, overwrite=overwrite)
     return target
+
+
+def _seal_payload(
+    header: dict[str, Any], payload: bytes, passphrase: bytes | str, scrypt_n: int
+) -> dict[str, Any]:
+    """The sealed document: ``header`` plus KDF parameters, nonce and AES-256-GCM ciphertext.
+
+    The header (with the KDF parameters and nonce) is authenticated as associated data.
+    Shared by secret key files and threshold share files.
+
+    Raises:
+        ValueError: an empty passphrase or a bad ``scrypt_n``.
+    """
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    secret = passphrase.encode("utf-8") if isinstance(passphrase, str) else bytes(passphrase)
+    if not secret:
+        raise ValueError("the passphrase must not be empty")
+    if scrypt_n < 2 or scrypt_n & (scrypt_n - 1) or scrypt_n > _SCRYPT_MAX_N:
+        raise ValueError(f"scrypt_n must be a power of two in [2, 2^20], got {scrypt_n}")
+    salt, nonce = os.urandom(16), os.urandom(12)
+    cost_r, cost_p = _SCRYPT_DEFAULT["r"], _SCRYPT_DEFAULT["p"]
+    key = _derive(secret, salt, scrypt_n, cost_r, cost_p)
+    kdf = {"name": "scrypt", "n": scrypt_n, "r": cost_r, "p": cost_p, "salt": _b64(salt)}
+    sealed_header = dict(header, protection="scrypt-aes256gcm", kdf=kdf, nonce=_b64(nonce))
+    ciphertext = AESGCM(key).encrypt(nonce, payload, _aad(sealed_header))
+    return dict(sealed_header, ciphertext=_b64(ciphertext))
 
 
 def _check_permissions(path: Path) -> None:
