@@ -278,7 +278,8 @@ def make_env(root: Path, keys: tuple[PaillierPublicKey, PaillierPrivateKey]) -> 
             ("manual_ack = true\n", _tls_lines(ca, holder)),
             ('policy = "../policy.json"', 'policy = ""'),
             # a request listing updates it has not witnessed waits this long for a re-ask
-            ("witness_grace_s = 60 ", "witness_grace_s = 2 "),
+            # (long enough for a restarted member to read its queued updates first)
+            ("witness_grace_s = 60 ", "witness_grace_s = 20 "),
         ):
             assert old in text, old
             text = text.replace(old, new)
