@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import gmpy2
+from edgefl_benchmarks._round import FED, SYNTHETIC, build_round
 
 from aggregator.keyholder import exchange
 from aggregator.rounds import KeyholderAnswered, MessageReceived, Publish, RequestDecryption
 from aggregator.store import AggregatorStore
-from benchmarks._round import FED, SYNTHETIC, build_round
 from edge_sdk.crypto import CiphertextAccumulator, CiphertextVector, sum_ciphertexts
 from edge_sdk.crypto._gmp import mpz_from_bytes
 from edge_sdk.crypto._parallel import default_workers, mulmod_loop, process_executor

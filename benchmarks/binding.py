@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from edgefl_benchmarks._round import FED, SYNTHETIC, CommitteeProcesses, build_round
 
 from aggregator.keyholder_config import PolicyTerms
 from aggregator.rounds import KeyholderAnswered, MessageReceived, RequestDecryption
-from benchmarks._round import FED, SYNTHETIC, CommitteeProcesses, build_round
 from edge_sdk.crypto import (
     DJNObfuscatorSource,
     ObfuscatorPool,

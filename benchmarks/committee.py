@@ -36,10 +36,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgefl_benchmarks._round import FED, SYNTHETIC, CommitteeProcesses, build_round
+
 from aggregator.committee import share_context
 from aggregator.rounds import MessageReceived, RequestDecryption
 from aggregator.threshold import ceremony, generate_safe_prime
-from benchmarks._round import FED, SYNTHETIC, CommitteeProcesses, build_round
 from edge_sdk.crypto import CiphertextVector, PaillierPrivateKey, decrypt
 from edge_sdk.crypto._parallel import default_workers
 from edge_sdk.protocol import KeyholderRequest, KeyholderResult

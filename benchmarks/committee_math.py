@@ -1,6 +1,6 @@
 """Threshold Paillier costs: safe primes, the dealer ceremony, one holder's share, verify, combine.
 
-Run from the repository root: ``python -m benchmarks.committee_math [--quick] [--json FILE]``.
+Run: ``edgefl bench committee_math [--quick] --json FILE``.
 
 * ``safe_prime_1024_s``: mean (and max) seconds of :func:`generate_safe_prime`
   at 1024 bits (the size of each prime of a 2048-bit modulus).

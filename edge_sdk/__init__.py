@@ -29,12 +29,14 @@ __all__ = [
     "__version__",
     "build_update",
     "load_device_config",
+    "run_device",
 ]
 
 _LAZY = {
     "DeviceAgent": "edge_sdk.agent",
     "DeviceConfig": "edge_sdk.agent",
     "load_device_config": "edge_sdk.agent",
+    "run_device": "edge_sdk.agent",
     "EvaluateResult": "edge_sdk.agent",
     "FitResult": "edge_sdk.agent",
     "ModelTrainer": "edge_sdk.agent",

@@ -1,70 +1,59 @@
-"""``edgefl bench NAME --json FILE``: run a benchmark from ``benchmarks/``.
+"""``edgefl bench NAME --json FILE``: run one of edgefl's benchmarks.
 
-A benchmark is a module ``benchmarks/NAME.py`` defining
-``run(quick: bool) -> dict[str, Any]``. The returned figures are written at
-the top level of the JSON file, next to a ``meta`` block (machine, versions,
-time). Speed targets are ratios against a baseline measured in the same run,
-because absolute times drift on shared machines; a benchmark reports its
-ratios and, under ``targets``, whether each target was met.
+A benchmark is a module ``edgefl_benchmarks.NAME`` (the repository's
+``benchmarks/`` folder, installed with the package, so a device installed
+from the wheel runs them too) defining ``run(quick: bool) -> dict[str, Any]``.
+The returned figures are written at the top level of the JSON file, next to a
+``meta`` block (machine, versions, time). Speed targets are ratios against a
+baseline measured in the same run, because absolute times drift on shared
+machines; a benchmark reports its ratios and, under ``targets``, whether each
+target was met.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import os
+import pkgutil
 import platform
 import sys
 import time
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from edge_sdk._version import __version__
 from edge_sdk.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, write_json
 
-__all__ = ["benchmarks_dir", "list_benchmarks", "load_benchmark", "register", "run_benchmark"]
+__all__ = ["PACKAGE", "list_benchmarks", "load_benchmark", "register", "run_benchmark"]
 
-
-def benchmarks_dir() -> Path:
-    """Return the benchmarks folder (``$EDGEFL_BENCHMARKS`` or the source tree's)."""
-    override = os.environ.get("EDGEFL_BENCHMARKS")
-    if override:
-        return Path(override)
-    return Path(__file__).resolve().parent.parent / "benchmarks"
+#: The installed package holding the benchmarks (source: ``benchmarks/``).
+PACKAGE = "edgefl_benchmarks"
 
 
 def list_benchmarks() -> list[str]:
     """Return the names of the available benchmarks, sorted."""
-    folder = benchmarks_dir()
-    if not folder.is_dir():
+    try:
+        package = importlib.import_module(PACKAGE)
+    except ImportError:
         return []
-    return sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_"))
+    return sorted(
+        info.name
+        for info in pkgutil.iter_modules(package.__path__)
+        if not info.name.startswith("_") and not info.ispkg
+    )
 
 
 def load_benchmark(name: str) -> ModuleType:
-    """Import ``benchmarks/NAME.py`` by path.
+    """Import the benchmark module ``name``.
 
     Raises:
         ValueError: no such benchmark (the message lists the available ones).
     """
-    path = benchmarks_dir() / f"{name}.py"
-    if not name.isidentifier() or not path.is_file():
-        raise ValueError(
-            f"unknown benchmark {name!r}; available: {', '.join(list_benchmarks()) or 'none'}"
-        )
-    # Benchmarks share helpers as ``benchmarks._name`` modules: make their
-    # folder's parent importable.
-    root = str(path.parent.parent)
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    spec = importlib.util.spec_from_file_location(f"edgefl_benchmarks.{name}", path)
-    if spec is None or spec.loader is None:
-        raise ValueError(f"cannot load benchmark {name!r} from {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    available = list_benchmarks()
+    if name not in available:
+        raise ValueError(f"unknown benchmark {name!r}; available: {', '.join(available) or 'none'}")
+    return importlib.import_module(f"{PACKAGE}.{name}")
 
 
 def run_benchmark(name: str, *, quick: bool = False) -> dict[str, Any]:

@@ -167,15 +167,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from edge_sdk.agent import (
-        DeviceAgent,
-        ModelTrainer,
-        Trainer,
-        load_device_config,
-        load_trainer,
-        transport_config,
-    )
-    from edge_sdk.transport import MqttTransport
+    from edge_sdk.agent import ModelTrainer, Trainer, load_device_config, load_trainer, run_device
 
     config = load_device_config(args.config)
     trainer: Trainer
@@ -187,18 +179,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             raise ConfigError("[training] data (an .npz with x and y) is required to run")
         x, y = _load_data(config.training["data"])
         trainer = ModelTrainer(build_model(config.training), x, y)
-    transport = MqttTransport(transport_config(config))
-    agent = DeviceAgent(config, trainer, transport)
-    print(
-        f"device {config.device_id} starting (federation {config.federation}, broker "
-        f"{config.broker['url']}); Ctrl-C to stop",
-        flush=True,
-    )
-    code = agent.run_forever()
-    if code != EXIT_OK:
-        print(f"edgefl device: error: {agent.error}", flush=True)
-        return EXIT_FAILURE
-    return EXIT_OK
+    return EXIT_OK if run_device(trainer, config) == 0 else EXIT_FAILURE
 
 
 def register(parser: argparse.ArgumentParser) -> None:

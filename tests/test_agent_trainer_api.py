@@ -140,7 +140,7 @@ def test_example_own_numpy_model_federates_a_round(tmp_path: object) -> None:
     x = rng.normal(size=(50, 5))
     np.savez(tmp / "data.npz", x=x, y=x @ np.arange(5.0))
     trainer = load_trainer(
-        "examples.own_numpy_model:make_trainer", {"model": "-", "data": str(tmp / "data.npz")}
+        "examples.own_numpy_model:LeastSquares", {"model": "-", "data": str(tmp / "data.npz")}
     )
     pk, _ = generate_keypair(2048)
     save_public_key(pk, tmp / "pk.json", overwrite=True)
@@ -175,3 +175,27 @@ def test_example_own_numpy_model_federates_a_round(tmp_path: object) -> None:
         runner.join(15)
         agg_t.close()
     assert agent.error is None
+
+
+def test_example_own_numpy_model_is_at_most_25_lines_of_code() -> None:
+    import ast
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "own_numpy_model.py"
+    tree = ast.parse(path.read_text())
+    docstrings = {
+        line
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+        and isinstance(node.body[0].value.value, str)
+        for line in range(node.body[0].lineno, node.body[0].end_lineno + 1)  # type: ignore[operator]
+    }
+    code = [
+        number
+        for number, text in enumerate(path.read_text().splitlines(), start=1)
+        if text.strip() and not text.strip().startswith("#") and number not in docstrings
+    ]
+    assert len(code) <= 25, f"{len(code)} lines of code (docstrings and comments not counted)"

@@ -6,7 +6,7 @@ drives it with a transport, the disk (ledger, outbox, model) and a trainer.
 
 from edge_sdk.agent.config import DeviceConfig, load_device_config
 from edge_sdk.agent.outbox import Outbox
-from edge_sdk.agent.runner import AgentHalt, AgentHooks, DeviceAgent, transport_config
+from edge_sdk.agent.runner import AgentHalt, AgentHooks, DeviceAgent, run_device, transport_config
 from edge_sdk.agent.session import DeviceSession, OutboxEntry, Phase
 from edge_sdk.agent.trainer import (
     EvaluateResult,
@@ -36,6 +36,7 @@ __all__ = [
     "TrainerContractError",
     "load_device_config",
     "load_trainer",
+    "run_device",
     "train_config_from",
     "transport_config",
 ]

@@ -101,7 +101,15 @@ from edge_sdk.transport import (
     Will,
 )
 
-__all__ = ["AgentHalt", "AgentHooks", "DeviceAgent", "TrainResult", "Trainer", "transport_config"]
+__all__ = [
+    "AgentHalt",
+    "AgentHooks",
+    "DeviceAgent",
+    "TrainResult",
+    "Trainer",
+    "run_device",
+    "transport_config",
+]
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +163,34 @@ def transport_config(
         **overrides,
     }
     return TransportConfig(**settings)
+
+
+def run_device(trainer: Trainer, config: DeviceConfig | str | Path) -> int:
+    """Run ``trainer`` as this device over MQTT until SIGTERM / SIGINT: ``edgefl device run``.
+
+    Args:
+        trainer: the model (any :class:`~edge_sdk.agent.trainer.Trainer`).
+        config: the device's ``device.toml`` (a path) or its loaded config.
+
+    Returns:
+        The exit code: 0 when stopped on request, 1 when the agent stopped on
+        an error (which is logged and printed).
+    """
+    from edge_sdk.agent.config import load_device_config
+    from edge_sdk.transport import MqttTransport
+
+    cfg = config if isinstance(config, DeviceConfig) else load_device_config(config)
+    agent = DeviceAgent(cfg, trainer, MqttTransport(transport_config(cfg)))
+    print(
+        f"device {cfg.device_id} starting (federation {cfg.federation}, broker "
+        f"{cfg.broker['url']}); Ctrl-C to stop",
+        flush=True,
+    )
+    code = agent.run_forever()
+    if code != 0:
+        print(f"edgefl device: error: {agent.error}", flush=True)
+        return 1
+    return 0
 
 
 def load_pinned_policy(config: DeviceConfig) -> FederationPolicy | None:
