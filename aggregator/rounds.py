@@ -36,6 +36,7 @@ broker redelivers the unacknowledged message.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -761,7 +762,7 @@ class RoundMachine:
             encrypted_sum=self._acc.value.to_bytes(),
             issued_ms=now,
         )
-        record = _replace(
+        record = dataclasses.replace(
             self._record, phase="decrypting", closed_ms=now, count=count, request=request.to_bytes()
         )
         self._record = record
@@ -772,7 +773,7 @@ class RoundMachine:
 
     def _fail(self, reason: str, now: int, result: bytes = b"") -> list[Action]:
         assert self._record is not None
-        failed = _replace(
+        failed = dataclasses.replace(
             self._record,
             phase="failed",
             closed_ms=self._record.closed_ms or now,
@@ -942,7 +943,7 @@ class RoundMachine:
                 created_ms=now,
             )
         )
-        done = _replace(self._record, phase="done", result=blob, outcome="ok")
+        done = dataclasses.replace(self._record, phase="done", result=blob, outcome="ok")
         self._model = model
         self.stats["rounds_completed"] += 1
         log.info("round %d done: model version %d", done.round_id, version)
@@ -998,22 +999,3 @@ def round_outcome(blob: bytes) -> tuple[list[KeyholderResult], npt.NDArray[np.in
     if not aggregate:
         return results, None
     return results, np.frombuffer(aggregate, dtype="<i8").copy()
-
-
-def _replace(record: RoundRecord, **changes: Any) -> RoundRecord:
-    fields = {
-        name: getattr(record, name)
-        for name in (
-            "round_id",
-            "phase",
-            "announcement",
-            "opened_ms",
-            "closed_ms",
-            "count",
-            "request",
-            "result",
-            "outcome",
-        )
-    }
-    fields.update(changes)
-    return RoundRecord(**fields)

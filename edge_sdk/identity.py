@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 from edge_sdk._fs import atomic_write, check_private
 from edge_sdk.errors import ConfigError, InvalidSignatureError, KeyFileError
+from edge_sdk.ids import ID_PATTERN
 
 __all__ = [
     "DeviceIdentity",
@@ -43,7 +43,7 @@ __all__ = [
     "verify_signature",
 ]
 
-_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_ID = ID_PATTERN
 
 
 def _check_id(device_id: str) -> str:

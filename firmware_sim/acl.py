@@ -57,6 +57,7 @@ from typing import Literal
 
 from edge_sdk._fs import atomic_write
 from edge_sdk.errors import ConfigError
+from edge_sdk.ids import ID_PATTERN
 from edge_sdk.randomness import RandomSource, default_random
 
 __all__ = [
@@ -80,7 +81,7 @@ __all__ = [
     "verify_password",
 ]
 
-DEVICE_ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"
+DEVICE_ID_PATTERN = ID_PATTERN.pattern
 _NAME_RE = re.compile(DEVICE_ID_PATTERN)
 _PBKDF2_SALT_BYTES = 12
 _PBKDF2_HASH_BYTES = 64

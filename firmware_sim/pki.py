@@ -63,7 +63,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from edge_sdk._fs import atomic_write
 from edge_sdk.errors import ConfigError, EdgeFLError
-from edge_sdk.protocol._codec import ID_PATTERN
+from edge_sdk.ids import ID_PATTERN
 
 __all__ = [
     "CA_PASSPHRASE_ENV",

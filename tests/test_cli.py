@@ -128,6 +128,25 @@ def test_the_device_package_imports_no_server_or_simulator_module() -> None:
     assert offenders == []
 
 
+def test_one_id_rule_compiled_once() -> None:
+    """Every id check uses edge_sdk.ids.ID_PATTERN; no module compiles its own copy."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent
+    offenders = []
+    for top in ("edge_sdk", "aggregator", "firmware_sim"):
+        for path in (root / top).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if (
+                    isinstance(node, ast.Constant)
+                    and isinstance(node.value, str)
+                    and node.value.startswith("[A-Za-z0-9_-]")
+                    and path.name != "ids.py"
+                ):
+                    offenders.append(str(path.relative_to(root)))
+    assert offenders == []
+
+
 def test_bench_unknown_name_is_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "no_such_bench"]) == 2
     assert "unknown benchmark" in capsys.readouterr().err

@@ -8,9 +8,6 @@ Why these are dangerous:
   anyone who learns an obfuscator decrypts its ciphertext. Use
   :func:`edge_sdk.crypto.encrypt`, which draws fresh obfuscators or consumes a
   pool durably.
-* :func:`trivial_encrypt` returns ``1 + n*m`` with no obfuscation at all: it
-  is a public encoding of ``m``, not a ciphertext, and must never leave the
-  process as if it were one.
 * :func:`pack_unsigned` writes slot values without range checks, so it can
   build exactly the out-of-range plaintexts a malicious device would send
   (tests use it to show the key holder's overflow check).
@@ -34,7 +31,6 @@ __all__ = [
     "pack_unsigned",
     "random_unit",
     "raw_encrypt",
-    "trivial_encrypt",
 ]
 
 
@@ -84,11 +80,6 @@ def raw_encrypt(public_key: PaillierPublicKey, m: int, obfuscator: Any) -> Any:
     """Return ``(1 + n*m) * obfuscator mod n^2``; no checks, no bookkeeping."""
     n, nsq = public_key._n, public_key._nsq
     return (n * m + 1) * obfuscator % nsq
-
-
-def trivial_encrypt(public_key: PaillierPublicKey, m: int) -> Any:
-    """Return the UNOBFUSCATED encoding ``1 + n*m mod n^2`` (not a ciphertext)."""
-    return (public_key._n * m + 1) % public_key._nsq
 
 
 def pack_unsigned(unsigned: npt.ArrayLike, spec: PackingSpec) -> list[int]:

@@ -31,13 +31,12 @@ from typing import Any, ClassVar, TypeVar
 import msgpack
 
 from edge_sdk.errors import DecodeError
+from edge_sdk.ids import ID_PATTERN
 
 __all__ = [
     "SCHEMA_VERSION",
     "SUPPORTED_VERSIONS",
-    "BoolRule",
     "BytesRule",
-    "FloatRule",
     "IntRule",
     "Message",
     "PairsRule",
@@ -54,8 +53,6 @@ SCHEMA_VERSION = 2
 SUPPORTED_VERSIONS = frozenset({2})
 CHECK_LEN = 8
 MAX_DEPTH = 4
-
-ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class Rule(abc.ABC):
@@ -81,31 +78,6 @@ class IntRule(Rule):
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
         if not self.lo <= value <= self.hi:
             raise ValueError(f"{name} must be in [{self.lo}, {self.hi}], got {value}")
-
-
-@dataclass(frozen=True, slots=True)
-class FloatRule(Rule):
-    """A finite float in [lo, hi]."""
-
-    lo: float = -math.inf
-    hi: float = math.inf
-
-    def check(self, name: str, value: Any) -> None:
-        """Validate a float field."""
-        if type(value) is not float:
-            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-        if not math.isfinite(value) or not self.lo <= value <= self.hi:
-            raise ValueError(f"{name} must be finite in [{self.lo}, {self.hi}], got {value}")
-
-
-@dataclass(frozen=True, slots=True)
-class BoolRule(Rule):
-    """A bool."""
-
-    def check(self, name: str, value: Any) -> None:
-        """Validate a bool field."""
-        if type(value) is not bool:
-            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,13 +21,12 @@ bytes plus their digest.
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from edge_sdk.errors import DecodeError
+from edge_sdk.ids import ID_PATTERN
 from edge_sdk.protocol._codec import (
-    ID_PATTERN,
     BytesRule,
     IntRule,
     Message,
@@ -63,7 +62,7 @@ DIGEST_LEN = 32
 SIGNATURE_LEN = 64
 MAX_PARAMS = 50_000_000
 MAX_TIME_MS = 2**53
-FEDERATION_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+FEDERATION_PATTERN = ID_PATTERN
 
 _ID = StrRule(max_len=64, pattern=ID_PATTERN)
 _FED = StrRule(max_len=64, pattern=FEDERATION_PATTERN)

@@ -14,13 +14,14 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
+
+from edge_sdk.ids import ID_PATTERN
 
 __all__ = ["PREFIX", "ParsedTopic", "Topics", "parse_topic"]
 
 PREFIX = "edgefl/v1"
-_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_NAME = ID_PATTERN
 
 
 def _check_name(what: str, value: str) -> str:
