@@ -262,6 +262,7 @@ def _djn_figures(
     quick: bool, public_key: Any, spec: Any, params: Any, length: int, rng: Any, workers: int
 ) -> dict[str, Any]:
     from edge_sdk.crypto import ObfuscatorPool, PackingSpec, PaillierPublicKey, encrypt, pack
+    from edge_sdk.crypto import _multiexp as multiexp
     from edge_sdk.crypto import binding as bnd
     from edge_sdk.crypto.djn import PROOF_HEADROOM_BITS as headroom
     from edge_sdk.crypto.djn import DJNBase, DJNObfuscatorSource, FixedBaseTable
@@ -341,8 +342,8 @@ def _djn_figures(
     t = bnd._coefficients(ctx, bnd.ciphertext_digest(public_key, vec), count)
     values = vec._values
     nsq = public_key._nsq
-    pippenger_s = _best(lambda: bnd.multi_exp(values, t, nsq), repeats)
-    naive_s = _best(lambda: bnd._naive_multi_exp(values, t, nsq), repeats)
+    pippenger_s = _best(lambda: multiexp.multi_exp(values, t, nsq), repeats)
+    naive_s = _best(lambda: multiexp.naive_multi_exp(values, t, nsq), repeats)
     devices = 2 if quick else 6
     items = []
     for i in range(devices):

@@ -264,17 +264,6 @@ def test_every_strict_prefix_and_bad_encodings_are_rejected() -> None:
 # -- multi-exponentiation and batch verification ----------------------------------------
 
 
-@settings(max_examples=40, deadline=None)
-@given(st.lists(st.tuples(st.integers(1, NSQ - 1), st.integers(0, 2**70)), max_size=40))
-def test_multi_exp_equals_the_naive_product(pairs: list[tuple[int, int]]) -> None:
-    bases = [b for b, _ in pairs]
-    exps = [e for _, e in pairs]
-    expected = 1
-    for b, e in pairs:
-        expected = expected * pow(b, e, NSQ) % NSQ
-    assert B.multi_exp(bases, exps, NSQ) == expected == B._naive_multi_exp(bases, exps, NSQ)
-
-
 @pytest.mark.parametrize("batch", [False, True])
 def test_verify_many_names_the_invalid_proofs(batch: bool) -> None:
     def check(items: list[tuple[CiphertextVector, B.BindingProof, bytes]], seed: int) -> list[int]:

@@ -33,6 +33,7 @@ DEVICE_TESTS = (
     "test_crypto_packing.py",
     "test_crypto_djn.py",
     "test_crypto_binding.py",
+    "test_crypto_multiexp.py",
     "test_crypto_keyfile.py",
     "test_crypto_vectors.py",
     "test_crypto_pool.py",

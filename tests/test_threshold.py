@@ -42,7 +42,6 @@ from aggregator.threshold import (
     lagrange_coefficients,
     load_share,
     make_context,
-    multi_powmod,
     save_share,
     verify_share,
 )
@@ -780,24 +779,6 @@ def test_property_any_t_subset_decrypts(c35: Ceremony, data: st.DataObject) -> N
     for s in shares:
         verify_share(c35.committee, cts, s, context=CTX)
     assert combine(c35.committee, len(cts), shares) == plain
-
-
-@settings(max_examples=40, deadline=None)
-@given(
-    st.lists(st.tuples(st.integers(0, 2**300), st.integers(0, 2**140)), max_size=40),
-    st.integers(3, 2**200).map(lambda x: x | 1),
-)
-def test_multi_powmod_equals_separate_powmods(pairs: list[tuple[int, int]], modulus: int) -> None:
-    bases = [b for b, _ in pairs]
-    exps = [e for _, e in pairs]
-    expected = 1 % modulus
-    for b, e in pairs:
-        expected = expected * pow(b, e, modulus) % modulus
-    assert multi_powmod(bases, exps, modulus) == expected
-    with pytest.raises(ValueError):
-        multi_powmod([2], [-1], modulus)
-    with pytest.raises(ValueError):
-        multi_powmod([2, 3], [1], modulus)
 
 
 @pytest.mark.slow

@@ -87,6 +87,7 @@ from typing import TYPE_CHECKING, Any
 
 import gmpy2
 
+from edge_sdk.crypto._multiexp import multi_exp
 from edge_sdk.crypto.ciphertext import CiphertextVector, _validate
 from edge_sdk.crypto.djn import (
     DJNBase,
@@ -111,7 +112,6 @@ __all__ = [
     "binding_context",
     "ciphertext_digest",
     "encrypt_bound",
-    "multi_exp",
     "prove",
     "verify",
     "verify_bound",
@@ -401,64 +401,6 @@ def _prove(
         z2=y + e * a_star,
         n_bytes=_n_bytes(public_key),
     )
-
-
-def multi_exp(bases: Sequence[Any], exponents: Sequence[int], modulus: Any) -> Any:
-    """Return ``prod bases[i]^exponents[i] mod modulus`` by Pippenger's bucket method.
-
-    For ``N`` bases and ``b``-bit exponents with window ``c``: ``b`` squarings
-    plus ``ceil(b/c) * (N + 2^(c+1))`` multiplications, versus about
-    ``N * 1.2 b`` for separate ``powmod`` calls.
-
-    Raises:
-        ValueError: lengths differ or an exponent is negative.
-    """
-    if len(bases) != len(exponents):
-        raise ValueError(f"{len(bases)} bases but {len(exponents)} exponents")
-    m = gmpy2.mpz(modulus)
-    exps = [int(e) for e in exponents]
-    if any(e < 0 for e in exps):
-        raise ValueError("exponents must be >= 0")
-    bits = max((e.bit_length() for e in exps), default=0)
-    if bits == 0:
-        return gmpy2.mpz(1) % m
-    count = len(exps)
-    window = min(range(1, 17), key=lambda c: -(-bits // c) * (count + (1 << (c + 1))) + (1 << c))
-    mask = (1 << window) - 1
-    windows = -(-bits // window)
-    result: Any = None
-    for w in range(windows - 1, -1, -1):
-        if result is not None:
-            for _ in range(window):
-                result = result * result % m
-        shift = w * window
-        buckets: list[Any] = [None] * (mask + 1)
-        for base, e in zip(bases, exps, strict=True):
-            d = (e >> shift) & mask
-            if d:
-                slot = buckets[d]
-                buckets[d] = base if slot is None else slot * base % m
-        # sum_d d * bucket[d] with running products (two mulmods per bucket).
-        running: Any = None
-        total: Any = None
-        for d in range(mask, 0, -1):
-            slot = buckets[d]
-            if slot is not None:
-                running = slot if running is None else running * slot % m
-            if running is not None:
-                total = running if total is None else total * running % m
-        if total is not None:
-            result = total if result is None else result * total % m
-    return gmpy2.mpz(1) % m if result is None else result
-
-
-def _naive_multi_exp(bases: Sequence[Any], exponents: Sequence[int], modulus: Any) -> Any:
-    """Reference: the product of separate ``powmod`` calls (benchmarks and tests)."""
-    m = gmpy2.mpz(modulus)
-    acc = gmpy2.mpz(1) % m
-    for b, e in zip(bases, exponents, strict=True):
-        acc = acc * gmpy2.powmod(b, e, m) % m
-    return acc
 
 
 def _prepare(
