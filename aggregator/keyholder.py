@@ -70,6 +70,7 @@ from edge_sdk.protocol import (
     Reassembler,
     parse_topic,
 )
+from edge_sdk.protocol.limits import MAX_UPDATE_BYTES
 
 __all__ = ["BindingCheck", "KeyHolder", "Refusal", "exchange"]
 
@@ -133,7 +134,7 @@ class KeyHolder:
         min_clients: int,
         binding_check: BindingCheck | None = None,
         witness_rounds: int = 2,
-        max_update_bytes: int = 256 << 20,
+        max_update_bytes: int = MAX_UPDATE_BYTES,
         verify_sums: bool = True,
         policy: FederationPolicy | None = None,
         on_stored: Callable[[EncryptedUpdate, bytes], None] | None = None,

@@ -46,6 +46,7 @@ from edge_sdk.protocol import (
     parse_topic,
     split_payload,
 )
+from edge_sdk.protocol.limits import MAX_REQUEST_BYTES, MAX_UPDATE_BYTES
 from edge_sdk.transport import InboundMessage, Transport, TransportError
 
 __all__ = ["KeyholderService", "load_state", "save_state"]
@@ -99,7 +100,7 @@ class KeyholderService:
         self.transport = transport
         self.state_path = state_path
         self.topics = Topics(keyholder.federation)
-        self._reassembler = Reassembler(max_payload_size=1 << 30, max_pending=8)
+        self._reassembler = Reassembler(max_payload_size=MAX_REQUEST_BYTES, max_pending=8)
         self._lock = threading.Lock()
         self.witness_grace_s = witness_grace_s
         self._clock = clock
@@ -119,7 +120,7 @@ class KeyholderService:
         reloaded = 0
         for path in sorted(self.witness_dir.glob("*/*.upd")):
             try:
-                update = EncryptedUpdate.from_bytes(path.read_bytes(), max_size=1 << 30)
+                update = EncryptedUpdate.from_bytes(path.read_bytes(), max_size=MAX_UPDATE_BYTES)
             except (OSError, DecodeError):
                 path.unlink(missing_ok=True)  # a torn or foreign file: never trusted
                 continue
@@ -203,7 +204,7 @@ class KeyholderService:
             whole = self._reassembler.add(chunk)
             if whole is None:
                 return
-            request = KeyholderRequest.from_bytes(whole, max_size=1 << 30)
+            request = KeyholderRequest.from_bytes(whole, max_size=MAX_REQUEST_BYTES)
         except DecodeError as exc:
             log.warning("bad request message: %s", exc)
             return

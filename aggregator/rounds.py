@@ -74,6 +74,7 @@ from edge_sdk.protocol import (
     parse_topic,
     split_payload,
 )
+from edge_sdk.protocol.limits import MAX_UPDATE_BYTES
 
 __all__ = [
     "Action",
@@ -141,7 +142,7 @@ class RoundConfig:
     train: tuple[tuple[str, Any], ...] = ()
     fixed_denominator: int | None = None
     max_message_size: int = 128 * 1024
-    max_update_bytes: int = 256 * 1024 * 1024
+    max_update_bytes: int = MAX_UPDATE_BYTES
     keyholder_retry_ms: int = 30_000
     history_rounds: int = 4
 

@@ -64,6 +64,7 @@ from edge_sdk.protocol import (
     parse_topic,
     split_payload,
 )
+from edge_sdk.protocol.limits import MAX_SHARE_BYTES
 from edge_sdk.transport import InboundMessage, Transport, TransportError
 
 __all__ = ["CRASH_ENV", "AggregatorService", "AlertLimiter", "CrashHook"]
@@ -190,7 +191,7 @@ class AggregatorService:
         self.crash = crash or CrashHook("")
         self.topics = Topics(machine.config.federation)
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
-        self._kh_reassembler = Reassembler(max_payload_size=1 << 30, max_pending=8)
+        self._kh_reassembler = Reassembler(max_payload_size=MAX_SHARE_BYTES, max_pending=8)
         self.alerts = AlertLimiter()
         self._started = False
 
@@ -315,7 +316,7 @@ class AggregatorService:
             payload = self._kh_reassembler.add(chunk)
             if payload is None:
                 return
-            result = KeyholderResult.from_bytes(payload)
+            result = KeyholderResult.from_bytes(payload, max_size=MAX_SHARE_BYTES)
         except DecodeError as exc:
             log.warning("bad key holder message: %s", exc)
             self.metrics.rejection(f"keyholder_{exc.reason}")

@@ -97,6 +97,7 @@ from edge_sdk.protocol import (
     parse_topic,
     split_payload,
 )
+from edge_sdk.protocol.limits import MAX_MODEL_BYTES
 from edge_sdk.randomness import DeterministicRandom, RandomSource
 from firmware_sim.committee import InMemoryCommittee
 from firmware_sim.datasets import Dataset, load_dataset
@@ -466,7 +467,7 @@ class _Simulation:
         )
         self.retained_model: GlobalModel | None = None
         self.retained_round: RoundAnnouncement | None = None
-        self._model_chunks = Reassembler(max_payload_size=1 << 30, max_pending=4)
+        self._model_chunks = Reassembler(max_payload_size=MAX_MODEL_BYTES, max_pending=4)
         self.closed: dict[int, agg.RoundRecord] = {}
         self.applied: dict[int, bytes] = {}
         self.epsilon = 0.0

@@ -90,6 +90,12 @@ from edge_sdk.protocol import (
     Topics,
     split_payload,
 )
+from edge_sdk.protocol.limits import (
+    MAX_ANNOUNCEMENT_BYTES,
+    MAX_CHUNK_BYTES,
+    MAX_MODEL_BYTES,
+    MAX_RECEIPT_BYTES,
+)
 from edge_sdk.randomness import RandomSource
 from edge_sdk.transport import (
     ConnectionEvent,
@@ -296,7 +302,7 @@ class DeviceAgent:
         self.weights: FloatVec | None = None
         self.model: GlobalModel | None = None
         self._events: queue.Queue[Event | None] = queue.Queue()
-        self._reassembler = Reassembler(max_payload_size=64 * 1024 * 1024, max_pending=8)
+        self._reassembler = Reassembler(max_payload_size=MAX_MODEL_BYTES, max_pending=8)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.rejected_inbound = 0
@@ -424,7 +430,7 @@ class DeviceAgent:
         if not msg.payload:
             return
         try:
-            ann = RoundAnnouncement.from_bytes(msg.payload, max_size=64 * 1024)
+            ann = RoundAnnouncement.from_bytes(msg.payload, max_size=MAX_ANNOUNCEMENT_BYTES)
         except DecodeError as exc:
             self.rejected_inbound += 1
             log.warning("ignoring bad round announcement: %s", exc)
@@ -437,13 +443,13 @@ class DeviceAgent:
         if not msg.payload:
             return  # a cleared retained chunk
         try:
-            chunk = Chunk.from_bytes(msg.payload, max_size=8 * 1024 * 1024)
+            chunk = Chunk.from_bytes(msg.payload, max_size=MAX_CHUNK_BYTES)
             if chunk.stream != "model" or chunk.federation != self.config.federation:
                 raise DecodeError("not a model chunk of this federation")
             whole = self._reassembler.add(chunk)
             if whole is None:
                 return
-            model = GlobalModel.from_bytes(whole, max_size=256 * 1024 * 1024)
+            model = GlobalModel.from_bytes(whole, max_size=MAX_MODEL_BYTES)
         except DecodeError as exc:
             self.rejected_inbound += 1
             log.warning("ignoring bad model data: %s", exc)
@@ -454,7 +460,7 @@ class DeviceAgent:
 
     def _on_receipt(self, msg: InboundMessage) -> None:
         try:
-            receipt = Receipt.from_bytes(msg.payload, max_size=4096)
+            receipt = Receipt.from_bytes(msg.payload, max_size=MAX_RECEIPT_BYTES)
         except DecodeError as exc:
             self.rejected_inbound += 1
             log.warning("ignoring bad receipt: %s", exc)

@@ -39,6 +39,7 @@ import numpy.typing as npt
 
 from edge_sdk.crypto.keys import PaillierPublicKey
 from edge_sdk.errors import DecodeError, SlotOverflowError
+from edge_sdk.protocol.limits import MAX_SLOT_BITS
 from edge_sdk.randomness import RandomSource, default_random, uniform_uint64
 
 __all__ = [
@@ -57,7 +58,6 @@ _SPEC_MAGIC = b"EFPS"
 _SPEC_STRUCT = struct.Struct(">4sBHBBHIQd")
 _FINGERPRINT_HEX = 64
 #: Largest slot width: slot sums are handled as uint64 / int64 in numpy.
-MAX_SLOT_BITS = 62
 MAX_VALUE_BITS = 48
 # |value * scale| must stay well inside int64 before clamping.
 _QUANT_LIMIT = float(2**62)

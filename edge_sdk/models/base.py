@@ -25,6 +25,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from edge_sdk.errors import ModelError
+from edge_sdk.protocol.limits import MAX_PARAMS
 
 __all__ = [
     "FloatArray",
@@ -38,7 +39,7 @@ __all__ = [
 FloatArray = NDArray[np.float32]
 
 #: Largest flat weight vector accepted (a bound on untrusted model files).
-MAX_PARAMETERS = 50_000_000
+MAX_PARAMETERS = MAX_PARAMS  # the protocol's limit (edge_sdk/protocol/limits.py)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -51,11 +51,12 @@ from edge_sdk.models.onnx_autodiff import (
     _training_graph_from_plan as _training_graph,
 )
 from edge_sdk.models.onnx_decompose import batchnorm_to_inference
+from edge_sdk.protocol.limits import MAX_ONNX_FILE_BYTES
 
 __all__ = ["MAX_MODEL_BYTES", "OnnxModel"]
 
 #: Largest serialized model accepted by :meth:`OnnxModel.from_bytes` / ``from_file``.
-MAX_MODEL_BYTES = 256 * 1024 * 1024
+MAX_MODEL_BYTES = MAX_ONNX_FILE_BYTES  # edge_sdk/protocol/limits.py
 
 #: Rows per onnxruntime call in :meth:`OnnxModel.evaluate` and ``predict``.
 _EVAL_CHUNK = 1024

@@ -15,6 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from edge_sdk.errors import DecodeError
+from edge_sdk.protocol.limits import MAX_UPDATE_BYTES
 from edge_sdk.protocol.messages import MAX_CHUNKS, Chunk, digest
 
 __all__ = ["CHUNK_OVERHEAD", "DEFAULT_MAX_MESSAGE_SIZE", "Reassembler", "split_payload"]
@@ -81,7 +82,7 @@ class Reassembler:
         max_pending: incomplete payloads kept at once; the oldest is evicted.
     """
 
-    def __init__(self, *, max_payload_size: int = 256 * 1024 * 1024, max_pending: int = 1024):
+    def __init__(self, *, max_payload_size: int = MAX_UPDATE_BYTES, max_pending: int = 1024):
         self.max_payload_size = max_payload_size
         self.max_pending = max_pending
         self._pending: OrderedDict[tuple[str, str, int, bytes], _Pending] = OrderedDict()

@@ -38,6 +38,14 @@ from edge_sdk.protocol._codec import (
     encode,
     register,
 )
+from edge_sdk.protocol.limits import (
+    MAX_CHUNK_DATA_BYTES,
+    MAX_CIPHERTEXT_BYTES,
+    MAX_CONTRIBUTOR_BYTES,
+    MAX_PARAMS,
+    MAX_SHARE_BYTES,
+    MAX_WEIGHT_BYTES,
+)
 
 __all__ = [
     "DIGEST_LEN",
@@ -60,7 +68,6 @@ __all__ = [
 
 DIGEST_LEN = 32
 SIGNATURE_LEN = 64
-MAX_PARAMS = 50_000_000
 MAX_TIME_MS = 2**53
 FEDERATION_PATTERN = ID_PATTERN
 
@@ -201,7 +208,7 @@ class GlobalModel(Message):
         "parent_digest": _DIGEST,
         "digest": _DIGEST,
         "num_params": IntRule(1, MAX_PARAMS),
-        "weights": BytesRule(4, 4 * MAX_PARAMS),
+        "weights": BytesRule(4, MAX_WEIGHT_BYTES),
         "created_ms": _TIME,
         "signature": _OPT_SIG,
     }
@@ -312,7 +319,7 @@ class EncryptedUpdate(Message):
     KIND: ClassVar[str] = "update"
     RULES: ClassVar[dict[str, Rule]] = {
         **_UPDATE_RULES,
-        "ciphertexts": BytesRule(1, 64 * MAX_PARAMS),
+        "ciphertexts": BytesRule(1, MAX_CIPHERTEXT_BYTES),
         "signature": _SIG,
     }
 
@@ -456,7 +463,7 @@ class Chunk(Message):
         "payload_size": IntRule(1, 1 << 34),
         "index": IntRule(0, MAX_CHUNKS - 1),
         "total": IntRule(1, MAX_CHUNKS),
-        "data": BytesRule(1, 64 * 1024 * 1024),
+        "data": BytesRule(1, MAX_CHUNK_DATA_BYTES),
     }
 
     federation: str
@@ -502,8 +509,8 @@ class KeyholderRequest(Message):
         "packing": _OPAQUE,
         "packing_digest": _DIGEST,
         "privacy": _OPAQUE,
-        "contributors": BytesRule(0, 64 * 1024 * 1024),
-        "encrypted_sum": BytesRule(1, 64 * MAX_PARAMS),
+        "contributors": BytesRule(0, MAX_CONTRIBUTOR_BYTES),
+        "encrypted_sum": BytesRule(1, MAX_CIPHERTEXT_BYTES),
         "issued_ms": _TIME,
     }
 
@@ -547,8 +554,6 @@ class KeyholderRequest(Message):
 
 
 KEYHOLDER_STATUSES = frozenset({"ok", "refused"})
-#: Longest encoded decryption share accepted (a 50M-parameter sum at 2048 bits).
-MAX_SHARE_BYTES = 64 * MAX_PARAMS
 
 
 @register
