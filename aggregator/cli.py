@@ -101,7 +101,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    tick = float(cfg.aggregator.get("tick_s", 0.2))
+    tick = cfg.aggregator.tick_s
     service.start()
     print(
         f"aggregator serving federation {service.machine.config.federation}: "

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge_sdk._tables import parse_table
 from edge_sdk.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -20,7 +21,12 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 __all__ = [
+    "COMMITTEE_MODES",
     "EXAMPLE",
+    "AggregatorTable",
+    "CommitteeTable",
+    "broker_settings",
+    "check_tables",
     "ServiceConfig",
     "aggregator_identity",
     "build_aggregator",
@@ -89,7 +95,7 @@ mode = "remote"                      # remote | inprocess-insecure-dev
 # members = ["keys/keyholder-1", "keys/keyholder-2", "keys/keyholder-3"]
 # passphrase_file = ""               # else $EDGEFL_KEY_PASSPHRASE
 
-[transport]
+[broker]                             # the MQTT client: same keys as a device's [broker]
 url = "mqtt://127.0.0.1:1883"
 client_id = "aggregator"             # = its certificate CN; fixed, so the broker keeps the session
 clean_start = false
@@ -97,43 +103,83 @@ session_expiry_s = 86400
 manual_ack = true
 """
 
-_AGG_KEYS = {
-    "federation",
-    "identity",
-    "store",
-    "public_key",
-    "registry",
-    "dimension",
-    "initial_model",
-    "min_clients",
-    "target_clients",
-    "max_contributors",
-    "round_duration_s",
-    "rounds",
-    "value_bits",
-    "clip",
-    "cohort",
-    "fixed_denominator",
-    "metrics_port",
-    "tick_s",
-    "optimizer",
-    "train",
-    "privacy",
-    "keyholder_retry_s",
-    "policy",
-}
-_COMMITTEE_KEYS = {"manifest", "mode", "members", "passphrase_file", "allow_unencrypted_key"}
 COMMITTEE_MODES = ("remote", "inprocess-insecure-dev")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AggregatorTable:
+    """``[aggregator]``: the federation, its files and the round settings.
+
+    Sub-tables are checked when the file is loaded, each by its owner:
+    ``optimizer`` by :func:`aggregator.optimizers.make_optimizer`, ``train``
+    by :class:`edge_sdk.models.base.TrainConfig`, ``privacy`` by
+    :class:`edge_sdk.privacy.DPPolicy`.
+    """
+
+    federation: str
+    dimension: int
+    min_clients: int
+    store: str = "aggregator.db"
+    public_key: str = "keys/paillier_public.json"
+    policy: str = ""
+    registry: str = "registry.json"
+    identity: str = "aggregator.key"
+    initial_model: str = ""
+    target_clients: int | None = None
+    max_contributors: int | None = None
+    round_duration_s: float = 300.0
+    rounds: int = 0
+    value_bits: int = 16
+    clip: float | None = None
+    cohort: tuple[str, ...] = ()
+    fixed_denominator: int = 0
+    metrics_port: int = 0
+    tick_s: float = 0.2
+    keyholder_retry_s: float = 30.0
+    optimizer: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    privacy: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("dimension", "min_clients"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("round_duration_s", "tick_s", "keyholder_retry_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.rounds < 0 or self.fixed_denominator < 0:
+            raise ValueError("rounds and fixed_denominator must be >= 0")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be a port number, got {self.metrics_port}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CommitteeTable:
+    """``[committee]``: the key-holder committee the aggregator asks."""
+
+    manifest: str = "keys/committee.json"
+    mode: str = "remote"
+    members: tuple[str, ...] = ()
+    passphrase_file: str = ""
+    allow_unencrypted_key: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in COMMITTEE_MODES:
+            raise ValueError(f"mode must be one of {COMMITTEE_MODES}, got {self.mode!r}")
 
 
 @dataclass(frozen=True, slots=True)
 class ServiceConfig:
-    """The parsed file: its folder and its three tables."""
+    """The parsed ``aggregator.toml``: its folder and its typed tables.
+
+    ``broker`` is the MQTT client table (the same keys as a device's
+    ``[broker]``, checked by :class:`edge_sdk.transport.TransportConfig`).
+    """
 
     base: Path
-    aggregator: dict[str, Any]
-    committee: dict[str, Any]
-    transport: dict[str, Any]
+    aggregator: AggregatorTable
+    committee: CommitteeTable
+    broker: dict[str, Any]
 
     def path(self, value: str) -> Path:
         """Resolve a path relative to the config file."""
@@ -141,13 +187,47 @@ class ServiceConfig:
         return p if p.is_absolute() else self.base / p
 
 
-def _check(table: Mapping[str, Any], known: set[str], name: str) -> dict[str, Any]:
-    if not isinstance(table, Mapping):
-        raise ConfigError(f"[{name}] must be a table")
-    unknown = set(table) - known
+def check_tables(doc: Mapping[str, Any], path: Path, known: set[str]) -> None:
+    """Refuse unknown tables, and the old name ``[transport]`` with its new one.
+
+    Raises:
+        ConfigError: the message names the table.
+    """
+    if "transport" in doc:
+        raise ConfigError(
+            f"{path}: the [transport] table is now called [broker] (one name for the MQTT "
+            "client table on devices, aggregator and key holders; same keys): rename it"
+        )
+    unknown = set(doc) - known
     if unknown:
-        raise ConfigError(f"unknown [{name}] settings: {', '.join(sorted(unknown))}")
-    return dict(table)
+        raise ConfigError(f"{path}: unknown tables {sorted(unknown)}")
+
+
+def broker_settings(table: Any, *, default_client_id: str) -> dict[str, Any]:
+    """``[broker]`` with the durable-subscriber defaults, checked.
+
+    The defaults suit a service (fixed client id, resumed session, manual
+    acknowledgement); the table overrides them.
+
+    Raises:
+        ConfigError: not a table, an unknown key or a bad value.
+    """
+    from edge_sdk.transport import TransportConfig
+
+    if not isinstance(table, Mapping):
+        raise ConfigError("[broker] must be a table")
+    values = {
+        "client_id": default_client_id,
+        "clean_start": False,
+        "session_expiry_s": 86_400,
+        "manual_ack": True,
+        **dict(table),
+    }
+    try:
+        TransportConfig.from_dict(values)
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise ConfigError(f"[broker]: {exc}") from None
+    return values
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -165,11 +245,14 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 
 def load_config(path: str | Path) -> ServiceConfig:
-    """Read and check ``aggregator.toml``.
+    """Read and check ``aggregator.toml``: every table typed, unknown keys refused.
 
     Raises:
-        ConfigError: missing file, bad TOML or unknown keys.
+        ConfigError: missing file, bad TOML, an unknown table or key, a
+            missing or malformed value (the message names it).
     """
+    from aggregator.optimizers import make_optimizer
+
     p = Path(path)
     doc = read_toml(p)
     if "keyholder" in doc:
@@ -178,18 +261,17 @@ def load_config(path: str | Path) -> ServiceConfig:
             "single key holder; see `edgefl keys ceremony --help` and the [committee] table "
             "of `edgefl aggregator init`"
         )
-    unknown = set(doc) - {"aggregator", "committee", "transport"}
-    if unknown:
-        raise ConfigError(f"{p}: unknown tables {sorted(unknown)}")
-    agg = _check(doc.get("aggregator", {}), _AGG_KEYS, "aggregator")
-    for key in ("federation", "dimension", "min_clients"):
-        if key not in agg:
-            raise ConfigError(f"{p}: [aggregator] needs {key}")
-    com = _check(doc.get("committee", {}), _COMMITTEE_KEYS, "committee")
-    mode = str(com.get("mode", "remote"))
-    if mode not in COMMITTEE_MODES:
-        raise ConfigError(f"{p}: [committee] mode must be one of {COMMITTEE_MODES}, got {mode!r}")
-    return ServiceConfig(p.resolve().parent, agg, com, dict(doc.get("transport", {})))
+    check_tables(doc, p, {"aggregator", "committee", "broker"})
+    try:
+        agg = parse_table(AggregatorTable, doc.get("aggregator", {}), "aggregator")
+        com = parse_table(CommitteeTable, doc.get("committee", {}), "committee")
+        make_optimizer(agg.optimizer)
+        _train_table(agg)
+        _privacy_table(agg)
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
+    broker = broker_settings(doc.get("broker", {}), default_client_id="aggregator")
+    return ServiceConfig(p.resolve().parent, agg, com, broker)
 
 
 def _load_or_create(path: Path, name: str) -> Any:
@@ -204,18 +286,14 @@ def _load_or_create(path: Path, name: str) -> Any:
 
 def aggregator_identity(cfg: ServiceConfig) -> Any:
     """The aggregator's Ed25519 identity (created on first use)."""
-    return _load_or_create(
-        cfg.path(str(cfg.aggregator.get("identity", "aggregator.key"))), "aggregator"
-    )
+    return _load_or_create(cfg.path(cfg.aggregator.identity), "aggregator")
 
 
 def load_manifest(cfg: ServiceConfig) -> Any:
     """The committee manifest named by ``[committee] manifest``."""
     from aggregator.committee import CommitteeManifest
 
-    return CommitteeManifest.load(
-        cfg.path(str(cfg.committee.get("manifest", "keys/committee.json")))
-    )
+    return CommitteeManifest.load(cfg.path(cfg.committee.manifest))
 
 
 def build_dev_members(
@@ -225,14 +303,14 @@ def build_dev_members(
     from aggregator.keyholder_config import load_member_dir
     from edge_sdk.crypto import read_passphrase
 
-    members = cfg.committee.get("members") or []
+    members = cfg.committee.members
     quorum = -(-(manifest.size + manifest.threshold) // 2)
     if len(members) < quorum:
         raise ConfigError(
             f"[committee] inprocess-insecure-dev needs the commit quorum, "
             f"ceil((N + T) / 2) = {quorum} member folders in members, got {len(members)}"
         )
-    passfile = cfg.committee.get("passphrase_file") or None
+    passfile = cfg.committee.passphrase_file or None
     passphrase = read_passphrase(cfg.path(passfile) if passfile else None)
     return [
         load_member_dir(
@@ -241,7 +319,7 @@ def build_dev_members(
             registry=registry,
             min_clients=min_clients,
             passphrase=passphrase,
-            allow_unencrypted=bool(cfg.committee.get("allow_unencrypted_key", False)),
+            allow_unencrypted=cfg.committee.allow_unencrypted_key,
             verify_sums=False,  # same process as the aggregator: nothing to witness
             policy=policy,
         )
@@ -249,11 +327,11 @@ def build_dev_members(
     ]
 
 
-def _train_table(agg: Mapping[str, Any]) -> dict[str, Any]:
+def _train_table(agg: AggregatorTable) -> dict[str, Any]:
     """``[aggregator.train]``, checked: a typo would otherwise be announced and ignored."""
     from edge_sdk.models.base import TrainConfig
 
-    train = dict(agg.get("train", {}))
+    train = dict(agg.train)
     allowed = set(TrainConfig.__dataclass_fields__) | {"clip"}
     unknown = sorted(set(train) - allowed)
     if unknown:
@@ -266,6 +344,18 @@ def _train_table(agg: Mapping[str, Any]) -> dict[str, Any]:
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"[aggregator.train]: {exc}") from None
     return train
+
+
+def _privacy_table(agg: AggregatorTable) -> Any:
+    """``[aggregator.privacy]`` as a :class:`~edge_sdk.privacy.DPPolicy`, or None."""
+    from edge_sdk.privacy import DPPolicy
+
+    if not agg.privacy:
+        return None
+    try:
+        return DPPolicy(**agg.privacy)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"[aggregator.privacy]: {exc}") from None
 
 
 def build_aggregator(cfg: ServiceConfig, *, transport: Any = None) -> Any:
@@ -286,17 +376,19 @@ def build_aggregator(cfg: ServiceConfig, *, transport: Any = None) -> Any:
     from edge_sdk.privacy import DPPolicy
 
     agg = cfg.aggregator
-    federation = str(agg["federation"])
-    dimension = int(agg["dimension"])
-    min_clients = int(agg["min_clients"])
-    target = int(agg.get("target_clients", min_clients))
-    max_contributors = int(agg.get("max_contributors", max(1000, target)))
-    public_key = load_public_key(cfg.path(str(agg.get("public_key", "keys/paillier_public.json"))))
-    registry = DeviceRegistry.load(cfg.path(str(agg.get("registry", "registry.json"))))
+    federation = agg.federation
+    dimension = agg.dimension
+    min_clients = agg.min_clients
+    target = agg.target_clients if agg.target_clients is not None else min_clients
+    max_contributors = (
+        agg.max_contributors if agg.max_contributors is not None else max(1000, target)
+    )
+    public_key = load_public_key(cfg.path(agg.public_key))
+    registry = DeviceRegistry.load(cfg.path(agg.registry))
     manifest = load_manifest(cfg)
     fed_policy = None
-    if agg.get("policy"):
-        fed_policy = FederationPolicy.load(cfg.path(str(agg["policy"])))
+    if agg.policy:
+        fed_policy = FederationPolicy.load(cfg.path(agg.policy))
         if (
             fed_policy.committee_fingerprint != manifest.fingerprint
             or fed_policy.key_fingerprint != public_key.fingerprint
@@ -309,19 +401,14 @@ def build_aggregator(cfg: ServiceConfig, *, transport: Any = None) -> Any:
         registry.require_approvals(
             {h.holder_id: h.public_key for h in manifest.holders}, manifest.threshold
         )
-    policy = None
-    if agg.get("privacy"):
-        try:
-            policy = DPPolicy(**dict(agg["privacy"]))
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"[aggregator.privacy]: {exc}") from None
-    elif fed_policy is not None and fed_policy.mode != "none":
+    policy = _privacy_table(agg)
+    if policy is None and fed_policy is not None and fed_policy.mode != "none":
         policy = DPPolicy(
             mode=fed_policy.mode,  # type: ignore[arg-type]
             epsilon=fed_policy.epsilon,
             delta=fed_policy.delta,
             rounds=fed_policy.rounds,
-            clip=float(agg.get("clip", fed_policy.max_clip)),
+            clip=agg.clip if agg.clip is not None else fed_policy.max_clip,
             min_clients=fed_policy.min_clients if fed_policy.mode == "distributed" else 1,
         )
     plan = plan_rounds(
@@ -329,29 +416,27 @@ def build_aggregator(cfg: ServiceConfig, *, transport: Any = None) -> Any:
         dimension=dimension,
         max_contributors=max_contributors,
         min_clients=min_clients,
-        clip=float(agg.get("clip", 1.0)),
-        value_bits=int(agg.get("value_bits", 16)),
+        clip=agg.clip if agg.clip is not None else 1.0,
+        value_bits=agg.value_bits,
         policy=policy,
     )
-    optimizer_settings = dict(agg.get("optimizer", {}))
-    fixed = int(agg.get("fixed_denominator", 0)) or None
+    fixed = agg.fixed_denominator or None
     try:
         round_config = RoundConfig(
             federation=federation,
             min_clients=min_clients,
             target_clients=target,
-            round_duration_ms=int(float(agg.get("round_duration_s", 300)) * 1000),
-            rounds=int(agg.get("rounds", 0)),
-            cohort=tuple(agg.get("cohort", ())),
+            round_duration_ms=int(agg.round_duration_s * 1000),
+            rounds=agg.rounds,
+            cohort=agg.cohort,
             train=tuple(sorted(_train_table(agg).items())),
             fixed_denominator=fixed,
-            keyholder_retry_ms=int(float(agg.get("keyholder_retry_s", 30)) * 1000),
+            keyholder_retry_ms=int(agg.keyholder_retry_s * 1000),
         )
     except ValueError as exc:
         raise ConfigError(f"[aggregator]: {exc}") from None
-    initial_path = str(agg.get("initial_model", ""))
-    if initial_path:
-        weights = np.load(cfg.path(initial_path)).astype(np.float32).reshape(-1)
+    if agg.initial_model:
+        weights = np.load(cfg.path(agg.initial_model)).astype(np.float32).reshape(-1)
     else:
         weights = np.zeros(dimension, dtype=np.float32)
     if fed_policy is not None:
@@ -370,39 +455,39 @@ def build_aggregator(cfg: ServiceConfig, *, transport: Any = None) -> Any:
             f"[committee] manifest is for federation {manifest.federation!r}, not {federation!r}"
         )
     members = []
-    if cfg.committee.get("mode", "remote") == "inprocess-insecure-dev":
+    if cfg.committee.mode == "inprocess-insecure-dev":
         import logging
 
         logging.getLogger("edgefl.aggregator").warning(
             "[committee] mode = inprocess-insecure-dev: %d key shares live in the "
             "aggregator's process; whoever runs it can decrypt every update. "
             "Development only.",
-            len(cfg.committee.get("members") or []),
+            len(cfg.committee.members),
         )
         members = build_dev_members(cfg, registry, manifest, min_clients, fed_policy)
     machine = RoundMachine(
         round_config,
         plan,
         registry,
-        make_optimizer(optimizer_settings),
+        make_optimizer(agg.optimizer),
         initial_weights=weights,
         committee=CommitteeVerifier(manifest),
         identity=aggregator_identity(cfg),
         binding=None if fed_policy is None else fed_policy.djn_base,
     )
     store = AggregatorStore(
-        cfg.path(str(agg.get("store", "aggregator.db"))),
+        cfg.path(agg.store),
         federation=federation,
         key_fingerprint=public_key.fingerprint,
     )
     if transport is None:
-        transport = make_transport(cfg.transport, default_client_id="aggregator")
+        transport = make_transport(cfg.broker, default_client_id="aggregator")
     return AggregatorService(
         machine,
         store,
         transport,
         keyholders=members,
-        metrics=Metrics(enabled=True, port=int(agg.get("metrics_port", 0))),
+        metrics=Metrics(enabled=True, port=agg.metrics_port),
         crash=CrashHook(),
     )
 
@@ -411,11 +496,6 @@ def make_transport(settings: Mapping[str, Any], *, default_client_id: str) -> An
     """An MQTT transport with durable-subscriber defaults (fixed id, resumed session)."""
     from edge_sdk.transport import MqttTransport, TransportConfig
 
-    values = {
-        "client_id": default_client_id,
-        "clean_start": False,
-        "session_expiry_s": 86_400,
-        "manual_ack": True,
-        **dict(settings),
-    }
-    return MqttTransport(TransportConfig.from_dict(values))
+    return MqttTransport(
+        TransportConfig.from_dict(broker_settings(settings, default_client_id=default_client_id))
+    )

@@ -194,10 +194,10 @@ def _approve(args: argparse.Namespace) -> int:
     from edge_sdk.identity import DeviceIdentity, DeviceRegistry
 
     cfg = load_keyholder_config(args.config)
-    identity = DeviceIdentity.load(cfg.path(str(cfg.keyholder.get("identity", "identity.key"))))
+    identity = DeviceIdentity.load(cfg.path(cfg.keyholder.identity))
     if identity.device_id != cfg.holder_id:
         raise ConfigError(f"identity key belongs to {identity.device_id}, not {cfg.holder_id}")
-    path = args.registry or cfg.path(str(cfg.keyholder.get("registry", "registry.json")))
+    path = args.registry or cfg.path(cfg.keyholder.registry)
     registry = DeviceRegistry.load(path)
     ids = registry.active_ids() if args.all else list(args.device)
     for device_id in ids:
@@ -220,7 +220,7 @@ def _show(args: argparse.Namespace) -> int:
     from edge_sdk.errors import ConfigError
 
     cfg = load_keyholder_config(args.config)
-    manifest = CommitteeManifest.load(cfg.path(str(cfg.keyholder.get("manifest"))))
+    manifest = CommitteeManifest.load(cfg.path(cfg.keyholder.manifest))
     info = manifest.holder(cfg.holder_id)
     if info is None:
         raise ConfigError(f"{cfg.holder_id} is not in the committee manifest")
@@ -247,15 +247,15 @@ def _serve(args: argparse.Namespace) -> int:
 
     cfg = load_keyholder_config(args.config)
     member = build_member(cfg)
-    settings = dict(cfg.transport)
+    settings = dict(cfg.broker)
     settings.setdefault("client_id", cfg.holder_id)
     transport = make_transport(settings, default_client_id=cfg.holder_id)
-    state = cfg.path(str(cfg.keyholder.get("state", "state.json")))
+    state = cfg.path(cfg.keyholder.state)
     service = KeyholderService(
         member,
         transport,
         state_path=state,
-        witness_grace_s=float(cfg.keyholder.get("witness_grace_s", 60.0)),
+        witness_grace_s=cfg.keyholder.witness_grace_s,
     )
     stop = threading.Event()
 

@@ -23,16 +23,17 @@ refused so a typo is not silently ignored.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edge_sdk._tables import parse_table
 from edge_sdk.errors import ConfigError
 
 __all__ = [
     "KEYHOLDER_TEMPLATE",
     "KeyholderConfig",
+    "KeyholderTable",
     "PolicyTerms",
     "build_member",
     "load_keyholder_config",
@@ -57,7 +58,7 @@ state = "state.json"                 # rounds answered (request digests, never p
 witness_grace_s = 60                 # wait this long for updates not seen yet
 passphrase_file = ""                 # else $EDGEFL_KEY_PASSPHRASE
 
-[transport]
+[broker]                             # the MQTT client: same keys as a device's [broker]
 url = "{broker_url}"
 protocol = {protocol}                        # 5, or 311 for brokers without MQTT 5
 client_id = "{holder_id}"            # fixed: the broker keeps the session across restarts
@@ -66,29 +67,38 @@ session_expiry_s = 86400
 manual_ack = true
 """
 
-_KEYS = {
-    "id",
-    "federation",
-    "share",
-    "identity",
-    "manifest",
-    "policy",
-    "registry",
-    "min_clients",
-    "state",
-    "witness_grace_s",
-    "passphrase_file",
-    "allow_unencrypted_key",
-}
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeyholderTable:
+    """``[keyholder]``: one committee member's identity, files and limits."""
+
+    id: str
+    federation: str
+    min_clients: int
+    share: str = "share.json"
+    identity: str = "identity.key"
+    manifest: str = "../committee.json"
+    policy: str = ""
+    registry: str = "registry.json"
+    state: str = "state.json"
+    witness_grace_s: float = 60.0
+    passphrase_file: str = ""
+    allow_unencrypted_key: bool = False
+
+    def __post_init__(self) -> None:
+        if self.min_clients < 1:
+            raise ValueError(f"min_clients must be >= 1, got {self.min_clients}")
+        if not self.witness_grace_s >= 0:
+            raise ValueError(f"witness_grace_s must be >= 0, got {self.witness_grace_s}")
 
 
 @dataclass(frozen=True, slots=True)
 class KeyholderConfig:
-    """A parsed ``keyholder.toml``: its folder and its two tables."""
+    """A parsed ``keyholder.toml``: its folder, ``[keyholder]`` and ``[broker]``."""
 
     base: Path
-    keyholder: dict[str, Any]
-    transport: dict[str, Any]
+    keyholder: KeyholderTable
+    broker: dict[str, Any]
 
     def path(self, value: str) -> Path:
         """Resolve a path relative to the config file."""
@@ -98,16 +108,16 @@ class KeyholderConfig:
     @property
     def holder_id(self) -> str:
         """This member's id."""
-        return str(self.keyholder["id"])
+        return self.keyholder.id
 
 
 def load_keyholder_config(path: str | Path) -> KeyholderConfig:
-    """Read and check ``keyholder.toml``.
+    """Read and check ``keyholder.toml``: typed tables, unknown keys refused.
 
     Raises:
         ConfigError: missing file, bad TOML, unknown or missing keys.
     """
-    from aggregator.config import read_toml
+    from aggregator.config import broker_settings, check_tables, read_toml
 
     p = Path(path)
     doc = read_toml(p)
@@ -116,19 +126,15 @@ def load_keyholder_config(path: str | Path) -> KeyholderConfig:
             f"{p}: this looks like aggregator.toml; a key holder has its own keyholder.toml "
             "(written by `edgefl keys ceremony` in each keyholder-i folder)"
         )
-    unknown = set(doc) - {"keyholder", "transport"}
-    if unknown:
-        raise ConfigError(f"{p}: unknown tables {sorted(unknown)}")
-    table = doc.get("keyholder")
-    if not isinstance(table, Mapping):
+    check_tables(doc, p, {"keyholder", "broker"})
+    if "keyholder" not in doc:
         raise ConfigError(f"{p}: needs a [keyholder] table")
-    extra = set(table) - _KEYS
-    if extra:
-        raise ConfigError(f"{p}: unknown [keyholder] settings: {', '.join(sorted(extra))}")
-    for key in ("id", "federation", "min_clients"):
-        if key not in table:
-            raise ConfigError(f"{p}: [keyholder] needs {key}")
-    return KeyholderConfig(p.resolve().parent, dict(table), dict(doc.get("transport", {})))
+    try:
+        table = parse_table(KeyholderTable, doc["keyholder"], "keyholder")
+        broker = broker_settings(doc.get("broker", {}), default_client_id=table.id)
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
+    return KeyholderConfig(p.resolve().parent, table, broker)
 
 
 def load_member_dir(
@@ -183,28 +189,27 @@ def build_member(cfg: KeyholderConfig) -> Any:
     from edge_sdk.policy import FederationPolicy
 
     kh = cfg.keyholder
-    manifest = CommitteeManifest.load(cfg.path(str(kh.get("manifest", "../committee.json"))))
-    if manifest.federation != str(kh["federation"]):
+    manifest = CommitteeManifest.load(cfg.path(kh.manifest))
+    if manifest.federation != kh.federation:
         raise ConfigError(
-            f"manifest is for federation {manifest.federation!r}, the config for "
-            f"{kh['federation']!r}"
+            f"manifest is for federation {manifest.federation!r}, the config for {kh.federation!r}"
         )
-    passfile = kh.get("passphrase_file") or None
+    passfile = kh.passphrase_file or None
     passphrase = read_passphrase(cfg.path(passfile) if passfile else None)
-    registry = DeviceRegistry.load(cfg.path(str(kh.get("registry", "registry.json"))))
+    registry = DeviceRegistry.load(cfg.path(kh.registry))
     policy = None
-    if kh.get("policy"):
-        policy = FederationPolicy.load(cfg.path(str(kh["policy"])))
+    if kh.policy:
+        policy = FederationPolicy.load(cfg.path(kh.policy))
     return load_member_dir(
         cfg.base,
         manifest=manifest,
         registry=registry,
-        min_clients=int(kh["min_clients"]),
+        min_clients=kh.min_clients,
         passphrase=passphrase,
-        allow_unencrypted=bool(kh.get("allow_unencrypted_key", False)),
+        allow_unencrypted=kh.allow_unencrypted_key,
         holder_id=cfg.holder_id,
-        share_file=str(kh.get("share", "share.json")),
-        identity_file=str(kh.get("identity", "identity.key")),
+        share_file=kh.share,
+        identity_file=kh.identity,
         policy=policy,
     )
 

@@ -264,10 +264,10 @@ def make_env(root: Path, keys: tuple[PaillierPublicKey, PaillierPrivateKey]) -> 
     )
     text = fed.config.read_text()
     head, _, tail = text.partition("[committee]")
-    _, _, rest = tail.partition("[transport]")
+    _, _, rest = tail.partition("[broker]")
     fed.config.write_text(
         head.replace("tick_s = 0.1\n", "tick_s = 0.1\nkeyholder_retry_s = 1\n")
-        + '[committee]\nmanifest = "keys/committee.json"\nmode = "remote"\n\n[transport]'
+        + '[committee]\nmanifest = "keys/committee.json"\nmode = "remote"\n\n[broker]'
         + rest
     )
     for holder in HOLDERS:

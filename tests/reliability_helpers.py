@@ -153,7 +153,7 @@ mode = "inprocess-insecure-dev"
 members = ["keys/keyholder-1", "keys/keyholder-2", "keys/keyholder-3"]
 allow_unencrypted_key = true
 
-[transport]
+[broker]
 {extra}""",
         encoding="utf-8",
     )
@@ -179,13 +179,13 @@ class ServiceThread:
 
     Args:
         config: ``aggregator.toml``.
-        transport: settings overriding the file's ``[transport]`` table.
+        transport: settings overriding the file's ``[broker]`` table.
     """
 
     def __init__(self, config: Path, **transport: Any) -> None:
         cfg = load_config(config)
         self._cfg = ServiceConfig(
-            cfg.base, cfg.aggregator, cfg.committee, {**cfg.transport, **transport}
+            cfg.base, cfg.aggregator, cfg.committee, {**cfg.broker, **transport}
         )
         self.service: AggregatorService | None = None
         self._stop = threading.Event()

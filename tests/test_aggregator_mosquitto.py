@@ -162,7 +162,7 @@ manifest = "keys/committee.json"
 mode = "inprocess-insecure-dev"
 members = ["keys/keyholder-1", "keys/keyholder-2", "keys/keyholder-3"]
 
-[transport]
+[broker]
 url = "{broker.url}"
 client_id = "agg-itest"
 """,

@@ -34,6 +34,7 @@ Example (``examples/device.toml``)::
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections.abc import Mapping
@@ -41,32 +42,125 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge_sdk._tables import parse_table, table_keys
 from edge_sdk.errors import ConfigError
+from edge_sdk.ids import ID_PATTERN, is_id
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["DeviceConfig", "load_device_config"]
+__all__ = [
+    "TABLES",
+    "BrokerTable",
+    "DeviceConfig",
+    "DeviceTable",
+    "KeysTable",
+    "PrivacyTable",
+    "TrainingTable",
+    "load_device_config",
+]
 
-_SECTIONS: dict[str, set[str]] = {
-    "device": {"id", "federation", "state_dir", "resend_initial_s", "resend_max_s", "pool_target"},
-    "broker": {
-        "url",
-        "protocol",
-        "username",
-        "password",
-        "ca_file",
-        "cert_file",
-        "key_file",
-        "keepalive",
-        "max_message_size",
-    },
-    "keys": {"public_key", "fingerprint", "aggregator_key", "policy", "policy_digest"},
-    "privacy": {"budget_epsilon", "delta"},
-    "training": {"model", "onnx_path", "data", "classes", "features", "loss", "trainable"},
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeviceTable:
+    """``[device]``: who this device is and where it keeps its state."""
+
+    id: str
+    federation: str
+    state_dir: str
+    resend_initial_s: float = 15.0
+    resend_max_s: float = 300.0
+    pool_target: int = -1
+
+    def __post_init__(self) -> None:
+        if not is_id(self.id) or not is_id(self.federation):
+            raise ValueError(f"id and federation must match {ID_PATTERN.pattern}")
+        if not 0 < self.resend_initial_s <= self.resend_max_s:
+            raise ValueError("need 0 < resend_initial_s <= resend_max_s")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BrokerTable:
+    """``[broker]``: the MQTT client (the client id is the device id).
+
+    The same keys as the aggregator's and key holders' ``[broker]``, less
+    those a device must not choose (its client id and session handling);
+    values are checked by :class:`edge_sdk.transport.TransportConfig`.
+    """
+
+    url: str
+    protocol: int | None = None
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    keepalive: int | None = None
+    max_message_size: int | None = None
+
+    def settings(self) -> dict[str, Any]:
+        """The keys that were set, for :class:`~edge_sdk.transport.TransportConfig`."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) is not None
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeysTable:
+    """``[keys]``: the federation's public key, policy and the aggregator's signing key."""
+
+    public_key: str
+    fingerprint: str = ""
+    aggregator_key: str = ""
+    policy: str = ""
+    policy_digest: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PrivacyTable:
+    """``[privacy]``: this device's own lifetime budget."""
+
+    budget_epsilon: float = 8.0
+    delta: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if not self.budget_epsilon > 0 or not 0 < self.delta < 1:
+            raise ValueError(
+                f"needs budget_epsilon > 0 and 0 < delta < 1, got {self.budget_epsilon}, "
+                f"{self.delta}"
+            )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainingTable:
+    """``[training]``: the model; checked by :func:`edge_sdk.models.build_model`.
+
+    With ``model = "package.module:factory"`` any other keys are allowed:
+    the whole table goes to the user's factory.
+    """
+
+    model: str = "softmax"
+    onnx_path: str = ""
+    data: str = ""
+    classes: int = 0
+    features: int = 0
+    loss: str = ""
+    trainable: tuple[str, ...] = ()
+
+
+#: Each table of ``device.toml`` and its dataclass.
+TABLES: dict[str, type[Any]] = {
+    "device": DeviceTable,
+    "broker": BrokerTable,
+    "keys": KeysTable,
+    "privacy": PrivacyTable,
+    "training": TrainingTable,
 }
+_SECTIONS: dict[str, set[str]] = {name: table_keys(cls) for name, cls in TABLES.items()}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -170,52 +264,50 @@ def load_device_config(
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
     _merge_env(doc, os.environ if env is None else env)
-    for section, values in doc.items():
-        if section not in _SECTIONS:
-            raise ConfigError(f"unknown config section [{section}]")
-        if not isinstance(values, dict):
-            raise ConfigError(f"[{section}] must be a table")
-        unknown = set(values) - _SECTIONS[section]
+    for section in doc:
+        if section not in TABLES:
+            raise ConfigError(f"unknown config section [{section}] (known: {', '.join(TABLES)})")
+
+    def table(name: str) -> Any:
+        values = doc.get(name, {})
         # model = "package.module:factory": the whole table goes to the factory
-        factory = section == "training" and ":" in str(values.get("model", ""))
-        if unknown and not factory:
-            raise ConfigError(f"unknown key(s) in [{section}]: {', '.join(sorted(unknown))}")
-
-    def need(section: str, key: str) -> Any:
+        factory = name == "training" and ":" in str(
+            values.get("model", "") if isinstance(values, dict) else ""
+        )
         try:
-            return doc[section][key]
-        except KeyError:
-            raise ConfigError(
-                f"missing [{section}] {key} (or EDGEFL_{section.upper()}_{key.upper()})"
-            ) from None
+            return parse_table(TABLES[name], values, name, allow_extra=factory)
+        except ConfigError as exc:
+            text = str(exc)
+            if " needs " in text:
+                key = text.rsplit(" needs ", 1)[1]
+                text += f" (or EDGEFL_{name.upper()}_{key.upper()})"
+            raise ConfigError(text) from None
 
-    device = doc.get("device", {})
-    privacy = doc.get("privacy", {})
+    device: DeviceTable = table("device")
+    broker: BrokerTable = table("broker")
+    keys: KeysTable = table("keys")
+    privacy: PrivacyTable = table("privacy")
+    table("training")
+    from edge_sdk.transport import TransportConfig
+
     try:
-        config = DeviceConfig(
-            device_id=str(need("device", "id")),
-            federation=str(need("device", "federation")),
-            state_dir=Path(str(need("device", "state_dir"))),
-            broker=dict(doc.get("broker", {})),
-            public_key=Path(str(need("keys", "public_key"))),
-            fingerprint=doc.get("keys", {}).get("fingerprint"),
-            aggregator_key=_hex_key(doc.get("keys", {}).get("aggregator_key")),
-            policy=Path(str(doc["keys"]["policy"])) if doc.get("keys", {}).get("policy") else None,
-            policy_digest=doc.get("keys", {}).get("policy_digest") or None,
-            budget_epsilon=float(privacy.get("budget_epsilon", 8.0)),
-            delta=float(privacy.get("delta", 1e-5)),
-            training=dict(doc.get("training", {})),
-            resend_initial_s=float(device.get("resend_initial_s", 15.0)),
-            resend_max_s=float(device.get("resend_max_s", 300.0)),
-            pool_target=int(device.get("pool_target", -1)),
-        )
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"invalid config value: {exc}") from None
-    if "url" not in config.broker:
-        raise ConfigError("missing [broker] url (or EDGEFL_BROKER_URL)")
-    if not config.budget_epsilon > 0 or not 0 < config.delta < 1:
-        raise ConfigError(
-            f"[privacy] needs budget_epsilon > 0 and 0 < delta < 1, got "
-            f"{config.budget_epsilon}, {config.delta}"
-        )
-    return config
+        TransportConfig.from_dict({"client_id": device.id, **broker.settings()})
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise ConfigError(f"[broker]: {exc}") from None
+    return DeviceConfig(
+        device_id=device.id,
+        federation=device.federation,
+        state_dir=Path(device.state_dir),
+        broker=broker.settings(),
+        public_key=Path(keys.public_key),
+        fingerprint=keys.fingerprint or None,
+        aggregator_key=_hex_key(keys.aggregator_key),
+        policy=Path(keys.policy) if keys.policy else None,
+        policy_digest=keys.policy_digest or None,
+        budget_epsilon=privacy.budget_epsilon,
+        delta=privacy.delta,
+        training=dict(doc.get("training", {})),
+        resend_initial_s=device.resend_initial_s,
+        resend_max_s=device.resend_max_s,
+        pool_target=device.pool_target,
+    )

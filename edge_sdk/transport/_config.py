@@ -238,7 +238,7 @@ class TransportConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TransportConfig:
-        """Build from a mapping such as a TOML ``[transport]`` table.
+        """Build from a mapping such as a TOML ``[broker]`` table.
 
         ``will`` may be a nested table (``topic``, ``payload`` as a string,
         ``qos``, ``retain``). Unknown keys are refused, so a typo is not
