@@ -112,6 +112,21 @@ def test_budget_is_fixed_for_the_ledgers_lifetime(tmp_path: Path) -> None:
         PrivacyLedger.open_existing(tmp_path / "missing.json")
 
 
+def test_the_ledger_writes_through_the_one_atomic_write_and_cleans_its_leftovers(
+    tmp_path: Path,
+) -> None:
+    steps: list[str] = []
+    led = _ledger(tmp_path, step_hook=steps.append)
+    led.record("f/1", COST, idempotency_key="x")
+    assert steps[-4:] == ["tmp_written", "tmp_synced", "renamed", "dir_synced"]
+    stale = tmp_path / ".ledger.json.tmp-123-abc"  # a write killed before its rename
+    stale.write_bytes(b"half")
+    other = tmp_path / ".outbox.tmp-123-abc"
+    other.write_bytes(b"not the ledger's")
+    assert len(_ledger(tmp_path).entries) == 1
+    assert not stale.exists() and other.exists()
+
+
 def test_stale_temporary_file_is_ignored(tmp_path: Path) -> None:
     led = _ledger(tmp_path)
     led.record("f/1", COST, idempotency_key="x")

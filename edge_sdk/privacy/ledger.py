@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edge_sdk._fs import atomic_write, remove_stale_temporaries
 from edge_sdk.errors import (
     BudgetExhaustedError,
     ConfigError,
@@ -209,6 +210,7 @@ class PrivacyLedger:
         self._hook = step_hook
         self._entries: tuple[LedgerEntry, ...] = ()
         with self._locked():
+            remove_stale_temporaries(self._path)  # left by a write killed mid-way
             if self._path.exists():
                 budget, dlt, entries = self._read()
                 if budget != self._budget or dlt != self._delta:
@@ -434,22 +436,4 @@ class PrivacyLedger:
         }
         doc = dict(body, sha256=hashlib.sha256(_canonical(body)).hexdigest())
         data = json.dumps(doc, indent=1, sort_keys=True, allow_nan=False).encode() + b"\n"
-        tmp = self._path.with_name(self._path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            self._step("tmp_written")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        self._step("tmp_synced")
-        os.replace(tmp, self._path)
-        self._step("renamed")
-        dir_fd = os.open(self._path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-        self._step("dir_synced")
+        atomic_write(self._path, data, step=self._step)
