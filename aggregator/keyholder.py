@@ -43,6 +43,7 @@ from collections.abc import Callable, Mapping, Sequence
 import msgpack
 
 from aggregator.committee import CommitteeManifest, request_digest, share_context
+from aggregator.intake import UpdateIntake
 from aggregator.threshold import HolderShare, decryption_share
 from edge_sdk.crypto import (
     CiphertextVector,
@@ -61,14 +62,11 @@ from edge_sdk.pipeline import noise_digest, verify_update_binding
 from edge_sdk.policy import FederationPolicy
 from edge_sdk.privacy import NoiseSpec
 from edge_sdk.protocol import (
-    Chunk,
     ContributorProof,
     EncryptedUpdate,
     KeyholderCommit,
     KeyholderRequest,
     KeyholderResult,
-    Reassembler,
-    parse_topic,
 )
 from edge_sdk.protocol.limits import MAX_UPDATE_BYTES
 
@@ -87,6 +85,16 @@ class Refusal(Exception):
         """Create the refusal."""
         super().__init__(reason)
         self.reason = reason
+
+
+#: The witness's outcome names for the intake's refusals.
+_WITNESS_REASONS = {"federation": "topic_mismatch", "wrong_stream": "topic_mismatch"}
+
+
+def _witness_reason(reason: str) -> str:
+    if reason.startswith(("decode_", "chunk_")):
+        return reason.split("_", 1)[0]
+    return _WITNESS_REASONS.get(reason, reason)
 
 
 class KeyHolder:
@@ -203,7 +211,12 @@ class KeyHolder:
         self._released: dict[int, KeyholderResult] = {}
         # device -> round -> (ciphertext digest, blob): bounded per device
         self._seen: dict[str, OrderedDict[int, tuple[bytes, bytes]]] = {}
-        self._reassemblers: dict[str, Reassembler] = {}
+        # Only enrolled devices get reassembly state: bounds it by the registry.
+        self._intake = UpdateIntake(
+            self.federation,
+            max_update_bytes=max_update_bytes,
+            admit=lambda device: None if self.registry.is_active(device) else "unknown_device",
+        )
         self.counters: dict[str, int] = {}
 
     # -- persistence -----------------------------------------------------------
@@ -233,47 +246,13 @@ class KeyHolder:
         return outcome
 
     def _witness(self, topic: str, payload: bytes) -> str:
-        parsed = parse_topic(topic)
-        if (
-            parsed is None
-            or parsed.kind != "updates"
-            or parsed.device_id is None
-            or parsed.federation != self.federation
-        ):
-            return "topic"
-        device = parsed.device_id
-        if not self.registry.is_active(device):
-            return "unknown_device"  # bounds state: only enrolled devices get slots
-        try:
-            chunk = Chunk.from_bytes(payload)
-        except DecodeError:
-            return "decode"
-        if (
-            chunk.stream != "update"
-            or chunk.sender != device
-            or chunk.federation != self.federation
-        ):
-            return "topic_mismatch"
-        reassembler = self._reassemblers.get(device)
-        if reassembler is None:
-            # Per device, so no device can evict another's half-received update.
-            reassembler = Reassembler(max_payload_size=self.max_update_bytes, max_pending=2)
-            self._reassemblers[device] = reassembler
-        try:
-            whole = reassembler.add(chunk)
-        except DecodeError:
-            return "chunk"
-        if whole is None:
-            return "partial"
-        try:
-            update = EncryptedUpdate.from_bytes(whole, max_size=self.max_update_bytes)
-        except DecodeError:
-            return "decode"
-        if update.device_id != device:
-            return "topic_mismatch"
-        outcome = self._witness_update(update)
+        got = self._intake.add(topic, payload)
+        if got.reason:
+            return _witness_reason(got.reason)
+        assert got.update is not None
+        outcome = self._witness_update(got.update)
         if outcome == "stored" and self.on_stored is not None:
-            self.on_stored(update, whole)
+            self.on_stored(got.update, got.payload)
         return outcome
 
     def witness_update(self, update: EncryptedUpdate) -> str:

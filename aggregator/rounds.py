@@ -47,6 +47,7 @@ import numpy as np
 import numpy.typing as npt
 
 from aggregator.committee import CommitteeVerifier, InvalidShareError
+from aggregator.intake import UpdateIntake
 from aggregator.optimizers import ServerOptimizer, mean_delta
 from aggregator.planning import RoundPlan, build_announcement
 from edge_sdk.crypto import CiphertextAccumulator, CiphertextVector, DJNBase, unpack_sum
@@ -60,18 +61,15 @@ from edge_sdk.errors import (
 from edge_sdk.identity import DeviceIdentity, DeviceRegistry, SignedMessage, sign_message
 from edge_sdk.pipeline import verify_update_binding
 from edge_sdk.protocol import (
-    Chunk,
     ContributorProof,
     EncryptedUpdate,
     GlobalModel,
     KeyholderRequest,
     KeyholderResult,
-    Reassembler,
     Receipt,
     RoundAnnouncement,
     Topics,
     model_digest,
-    parse_topic,
     split_payload,
 )
 from edge_sdk.protocol.limits import MAX_UPDATE_BYTES
@@ -401,7 +399,9 @@ class RoundMachine:
         # so a device cannot make the aggregator hold up to max_update_bytes per
         # pending payload (the Reassembler keeps up to 1,024 of them).
         expected = self._num_ct * plan.public_key.ciphertext_bytes + UPDATE_HEADER_BOUND
-        self.reassembler = Reassembler(max_payload_size=min(config.max_update_bytes, expected))
+        self.intake = UpdateIntake(
+            config.federation, max_update_bytes=min(config.max_update_bytes, expected)
+        )
         self.stats: Counter[str] = Counter()
         self.rejections: Counter[str] = Counter()
         self.finished = False
@@ -573,7 +573,7 @@ class RoundMachine:
         self._history[round_id] = {}
         for old in sorted(self._history)[: -self.config.history_rounds]:
             del self._history[old]
-        self.reassembler.discard(stream="update")
+        self.intake.discard()
         return record
 
     def _publish_model(self) -> list[Action]:
@@ -633,42 +633,18 @@ class RoundMachine:
         return SendReceipt(topic=self.topics.ack(device_id), receipt=receipt)
 
     def _on_message(self, event: MessageReceived) -> list[Action]:
-        parsed = parse_topic(event.topic)
-        if (
-            parsed is None
-            or parsed.federation != self.config.federation
-            or parsed.kind != "updates"
-            or parsed.device_id is None
-        ):
-            return self._reject(None, None, "topic", event.topic[:128])
-        device = parsed.device_id
-        try:
-            chunk = Chunk.from_bytes(event.payload)
-        except DecodeError as exc:
-            return self._reject(device, None, f"decode_{exc.reason}", str(exc))
-        if chunk.federation != self.config.federation:
-            return self._reject(device, chunk.round_id, "federation")
-        if chunk.stream != "update":
-            return self._reject(device, chunk.round_id, "wrong_stream")
-        if chunk.sender != device:
-            return self._reject(device, chunk.round_id, "topic_mismatch", "chunk sender")
-        try:
-            payload = self.reassembler.add(chunk)
-        except DecodeError as exc:
-            return self._reject(device, chunk.round_id, f"chunk_{exc.reason}", str(exc))
-        if payload is None:
+        got = self.intake.add(event.topic, event.payload)
+        if got.reason == "partial":
             return []
-        try:
-            update = EncryptedUpdate.from_bytes(payload)
-        except DecodeError as exc:
-            return self._reject(device, chunk.round_id, f"decode_{exc.reason}", str(exc))
-        return self._on_update(device, update, event.now_ms)
+        if got.reason:  # (a replayed update of another device comes with its update)
+            return self._reject(
+                got.device, got.round_id, got.reason, got.detail, got.update, event.now_ms
+            )
+        assert got.device is not None and got.update is not None
+        return self._on_update(got.device, got.update, event.now_ms)
 
     def _on_update(self, device: str, update: EncryptedUpdate, now: int) -> list[Action]:
         r = update.round_id
-        if update.device_id != device:
-            # A replay of another device's update onto this device's topic.
-            return self._reject(device, r, "topic_mismatch", update.device_id, update, now)
         if update.federation != self.config.federation:
             return self._reject(device, r, "federation", update.federation, update, now)
         try:

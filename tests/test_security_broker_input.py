@@ -83,7 +83,7 @@ def test_malformed_and_oversize_input_is_dropped_once_and_honest_devices_unaffec
         for payload in bad.values():
             attacker.publish(topics.updates("d0000"), payload)
         # -- case 13b: a chunk declaring more than an update of this plan
-        limit = svc.machine.reassembler.max_payload_size
+        limit = svc.machine.intake.max_update_bytes
         oversize = Chunk(
             federation=FED,
             stream="update",
@@ -102,7 +102,7 @@ def test_malformed_and_oversize_input_is_dropped_once_and_honest_devices_unaffec
         decode = {r: c for r, c in svc.machine.rejections.items() if r.startswith("decode_")}
         assert sum(decode.values()) == len(bad), svc.machine.rejections
         assert svc.machine.rejections["chunk_too_large"] == 1
-        assert svc.machine.reassembler.pending_bytes() == 0
+        assert svc.machine.intake.pending_bytes() == {}
         # honest devices, chunked to the broker's limit, all get through
         fleet = DeviceFleet(broker.url, fed.public_key, fed.identities, dim=DIM, resend_s=3.0)
         fleet.start()

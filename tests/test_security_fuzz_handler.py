@@ -82,8 +82,9 @@ class Target:
             if isinstance(action, PersistAccepted):
                 allowed = self.honest_digests | self.signed_by_owner
                 assert action.update_digest in allowed, "a mutation was summed"
-        bound = m.reassembler.max_pending * m.reassembler.max_payload_size
-        assert m.reassembler.pending_bytes() <= bound
+        held = m.intake.pending_bytes()  # per device, each bounded on its own
+        assert all(b <= m.intake.max_pending * m.intake.max_update_bytes for b in held.values())
+        assert len(held) <= m.intake.max_devices
 
 
 @pytest.fixture(scope="module")

@@ -152,7 +152,7 @@ def test_chunk_declaring_more_than_an_update_is_refused_without_buffering(
     pk, _ = keypair
     d = _driver(keypair, fleet, tmp_path, target=8)
     d.feed(Start(now_ms=1_000))
-    limit = d.machine.reassembler.max_payload_size
+    limit = d.machine.intake.max_update_bytes
     # the bound follows the plan: one ciphertext blob plus a small header
     assert limit == d.machine.plan.num_ciphertexts * pk.ciphertext_bytes + 4096
     topic = d.machine.topics.updates("dev03")
@@ -170,7 +170,7 @@ def test_chunk_declaring_more_than_an_update_is_refused_without_buffering(
         )
         actions = d.feed(MessageReceived(topic=topic, payload=chunk.to_bytes(), now_ms=2_000))
         assert _reasons(actions) == ["chunk_too_large"], declared
-    assert d.machine.reassembler.pending_bytes() == 0 and len(d.machine.reassembler) == 0
+    assert d.machine.intake.pending_bytes() == {} and d.machine.intake.pending() == 0
     # an honest update from another device still goes through
     upd, _ = make_update(d.announcement(), pk, fleet.identities["dev04"], deltas(5, DIM)[4])
     assert [a.receipt.status for a in d.send(upd) if hasattr(a, "receipt")] == ["accepted"]
