@@ -62,6 +62,8 @@ _SECTIONS: dict[str, set[str]] = {
         "key_file",
         "keepalive",
         "max_message_size",
+        "broker_max_packet_size",
+        "failover_urls",
     },
     "keys": {"public_key", "fingerprint", "aggregator_key", "policy", "policy_digest"},
     "privacy": {"budget_epsilon", "delta"},
