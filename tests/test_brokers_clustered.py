@@ -162,3 +162,45 @@ def test_fleet_config_refuses_bad_broker_settings() -> None:
         TransportConfig(
             url="mqtt://127.0.0.1:1", client_id="c", failover_urls=("mqtts://127.0.0.1:2",)
         )
+
+
+def test_sim_run_passes_tls_options_to_every_party(tmp_path: Path) -> None:
+    from firmware_sim.broker import MosquittoBroker, MosquittoOptions, TlsListener
+    from firmware_sim.pki import CertificateAuthority
+    from tests.conftest import _require_mosquitto
+
+    _require_mosquitto()
+    ca = CertificateAuthority.init(tmp_path / "ca")
+    ca.issue("broker", "broker")
+    ca.issue("device", "fleet")  # one client certificate for every simulated party
+    options = MosquittoOptions(
+        plain_listener=False,
+        tls=TlsListener(
+            certfile=ca.cert_path("broker"),
+            keyfile=ca.key_path("broker"),
+            cafile=ca.ca_cert,
+            use_identity_as_username=False,  # parties share the certificate: keep their ids
+            use_username_as_clientid=False,
+        ),
+    )
+    with MosquittoBroker(workdir=tmp_path / "m", options=options) as broker:
+        assert broker.tls_url is not None
+        out = tmp_path / "s.json"
+        args = ["sim", "run", "--broker", broker.tls_url, "--devices", "3", "--rounds", "1"]
+        args += ["--model", "softmax", "--crypto", "on", "--min-clients", "3"]
+        args += ["--tls-ca", str(ca.ca_cert), "--json", str(out), "--workdir", str(tmp_path / "w")]
+        assert (
+            main(
+                [
+                    *args,
+                    "--tls-cert",
+                    str(ca.cert_path("fleet")),
+                    "--tls-key",
+                    str(ca.key_path("fleet")),
+                ]
+            )
+            == 0
+        )
+        summary = json.loads(out.read_text())
+        assert summary["per_round"][0]["contributors"] == 3
+        assert summary["config"]["tls_ca"] == str(ca.ca_cert)
