@@ -169,6 +169,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     if args.broker != "none":
         return _cmd_run_fleet(args)
+    given = [
+        flag
+        for flag, value in (
+            ("--mqtt", args.mqtt),
+            ("--username", args.username),
+            ("--password-file", args.password_file),
+            ("--tls-ca", args.tls_ca),
+            ("--tls-cert", args.tls_cert),
+            ("--tls-key", args.tls_key),
+            ("--broker-max-packet-size", args.broker_max_packet_size),
+        )
+        if value is not None
+    ]
+    if given:
+        from edge_sdk.errors import ConfigError
+
+        raise ConfigError(f"{', '.join(given)} need --broker (the direct engine has none)")
     config = _config(args)
     quiet = args.json == "-"
 

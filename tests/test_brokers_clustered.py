@@ -151,6 +151,10 @@ def test_sim_run_over_rabbitmq_with_mqtt_311_and_a_password_file(
     assert main([*base, "--crypto", "on"]) == 2
 
 
+def test_sim_run_refuses_broker_options_without_a_broker() -> None:
+    assert main(["sim", "run", "--mqtt", "3.1.1", "--devices", "2", "--rounds", "1"]) == 2
+
+
 def test_fleet_config_refuses_bad_broker_settings() -> None:
     with pytest.raises(ValueError, match="mqtt must be 5 or 311"):
         FleetConfig(broker="mqtt://127.0.0.1:1", mqtt=4)
