@@ -5,11 +5,11 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 PYTEST_ARGS ?=
 
-.PHONY: help demo test lint typecheck pytest venv sim-deps dev-deps mosquitto clean
+.PHONY: help demo test lint typecheck pytest venv sim-deps dev-deps brokers mosquitto clean
 
 help:
 	@echo "make demo   - set up .venv with edgefl[sim] and run 'edgefl demo'"
-	@echo "make test   - set up .venv with edgefl[dev] (+ Mosquitto) and run ruff, mypy, pytest"
+	@echo "make test   - set up .venv with edgefl[dev] (+ Mosquitto, NATS, RabbitMQ) and run ruff, mypy, pytest"
 	@echo "make clean  - remove .venv and caches"
 
 $(BIN)/python:
@@ -44,18 +44,30 @@ $(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
 sim-deps: $(VENV)/.sim-installed
 dev-deps: $(VENV)/.dev-installed
 
-# Mosquitto is a system package: install it when absent and we may (root).
-mosquitto:
-	@if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then \
+# The brokers are system packages (Debian 12: mosquitto, nats-server,
+# rabbitmq-server): install those absent when we may (root + apt-get). The
+# harness never uses the services these packages start; it runs its own
+# processes on free ports.
+BROKER_PACKAGES := mosquitto:/usr/sbin/mosquitto nats-server:/usr/sbin/nats-server \
+	rabbitmq-server:/usr/lib/rabbitmq/bin/rabbitmq-server
+
+brokers:
+	@missing=""; for entry in $(BROKER_PACKAGES); do \
+		pkg=$${entry%%:*}; path=$${entry#*:}; \
+		command -v $$pkg >/dev/null 2>&1 || [ -x $$path ] || missing="$$missing $$pkg"; \
+	done; \
+	if [ -z "$$missing" ]; then \
 		true; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		echo "installing mosquitto with apt-get"; \
+		echo "installing$$missing with apt-get"; \
 		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	else \
-		echo "warning: mosquitto not found and cannot be installed here (need root + apt-get);"; \
-		echo "         broker tests use the embedded broker only (a failure when CI=true)"; \
+		echo "warning:$$missing not found and cannot be installed here (need root + apt-get);"; \
+		echo "         their broker tests are skipped (a failure when CI=true)"; \
 	fi
+
+mosquitto: brokers
 
 demo: sim-deps
 	$(BIN)/edgefl demo
@@ -67,7 +79,7 @@ lint: dev-deps
 typecheck: dev-deps
 	$(BIN)/mypy
 
-pytest: dev-deps mosquitto
+pytest: dev-deps brokers
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest

@@ -54,6 +54,7 @@ def _cmd_run_fleet(args: argparse.Namespace) -> int:
 
     if args.setting == "float" or args.crypto == "off":
         raise ConfigError("--broker runs the real stack: use --setting dp or he with crypto on")
+    password = _broker_password(args)
     try:
         profile = DeviceProfile(
             slowdown=args.slowdown,
@@ -81,6 +82,12 @@ def _cmd_run_fleet(args: argparse.Namespace) -> int:
             server_opt=args.server_opt,
             server_lr=args.server_lr,
             broker=args.broker,
+            mqtt=_MQTT_VERSIONS[args.mqtt] if args.mqtt else None,
+            username=args.username,
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            broker_max_packet_size=args.broker_max_packet_size,
             holders=args.holders,
             threshold=args.threshold,
             profile=profile,
@@ -105,7 +112,7 @@ def _cmd_run_fleet(args: argparse.Namespace) -> int:
             )
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="edgefl-sim-"))
-    result = Fleet(config, workdir, progress=progress).run()
+    result = Fleet(config, workdir, progress=progress, password=password).run()
     summary = result.to_json()
     if args.report:
         out = Path(args.report)
@@ -127,11 +134,58 @@ def _cmd_run_fleet(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+_MQTT_VERSIONS = {"5": 5, "3.1.1": 311, "311": 311}
+PASSWORD_ENV = "EDGEFL_BROKER_PASSWORD"
+
+
+def _broker_password(args: argparse.Namespace) -> str | None:
+    """The broker password from ``--password-file`` or ``$EDGEFL_BROKER_PASSWORD``.
+
+    Never from the command line, where other users see it in the process list.
+    """
+    import os
+
+    from edge_sdk.errors import ConfigError
+
+    if args.password_file:
+        try:
+            text = Path(args.password_file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read --password-file: {exc}") from None
+        password = text.rstrip("\r\n")
+        if not password:
+            raise ConfigError(f"--password-file {args.password_file} is empty")
+    else:
+        password = os.environ.get(PASSWORD_ENV) or ""
+    if password and not args.username:
+        raise ConfigError("a broker password needs --username")
+    if args.username and not password:
+        raise ConfigError(f"--username needs --password-file or ${PASSWORD_ENV}")
+    return password or None
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from firmware_sim.engine import RoundResult, run
 
     if args.broker != "none":
         return _cmd_run_fleet(args)
+    given = [
+        flag
+        for flag, value in (
+            ("--mqtt", args.mqtt),
+            ("--username", args.username),
+            ("--password-file", args.password_file),
+            ("--tls-ca", args.tls_ca),
+            ("--tls-cert", args.tls_cert),
+            ("--tls-key", args.tls_key),
+            ("--broker-max-packet-size", args.broker_max_packet_size),
+        )
+        if value is not None
+    ]
+    if given:
+        from edge_sdk.errors import ConfigError
+
+        raise ConfigError(f"{', '.join(given)} need --broker (the direct engine has none)")
     config = _config(args)
     quiet = args.json == "-"
 
@@ -244,7 +298,29 @@ def register(parser: argparse.ArgumentParser) -> None:
     stack.add_argument(
         "--broker",
         default="none",
-        help="none (direct simulation, default) | auto | mosquitto | embedded | mqtt://host:port",
+        help="none (direct simulation, default) | auto | mosquitto | embedded | rabbitmq | "
+        "nats (3-node cluster) | mqtt[s]://host:port[,mqtt[s]://host:port...] (the nodes of "
+        "one cluster: parties are spread over them and fail over)",
+    )
+    stack.add_argument(
+        "--mqtt",
+        choices=("5", "3.1.1"),
+        help="MQTT version of every party (default: 5, or 3.1.1 for harness brokers without 5)",
+    )
+    stack.add_argument("--username", help="broker user name of every party")
+    stack.add_argument(
+        "--password-file",
+        metavar="FILE",
+        help=f"file holding the broker password (else ${PASSWORD_ENV}; never on the command line)",
+    )
+    stack.add_argument("--tls-ca", metavar="PEM", help="CA of the broker certificate (mqtts://)")
+    stack.add_argument("--tls-cert", metavar="PEM", help="client certificate (mutual TLS)")
+    stack.add_argument("--tls-key", metavar="PEM", help="client certificate key")
+    stack.add_argument(
+        "--broker-max-packet-size",
+        type=int,
+        metavar="BYTES",
+        help="the broker's packet limit, for brokers that cannot announce it (MQTT 3.1.1)",
     )
     stack.add_argument(
         "--availability", type=float, default=1.0, help="probability a device takes part in a round"

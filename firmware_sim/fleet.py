@@ -16,6 +16,15 @@ out), reboots in the middle of a round (after the update is stored, before
 its receipt: the rebooted agent must resend the same envelope), and link
 latency through the fault proxy.
 
+Brokers: a harness broker (``auto``, ``mosquitto``, ``embedded``,
+``rabbitmq``, ``nats`` for a 3-node cluster) or the url of a running one,
+or several comma-separated urls of one cluster's nodes. With several urls the
+parties are spread over the nodes (aggregator on the first, key holder ``k``
+on node ``k + 1``, device ``j`` on node ``j + 2``, modulo the node count) and
+each lists the other nodes as failover urls. The MQTT version, credentials
+(the password is passed to :class:`Fleet`, never kept in the config or the
+summary), TLS files and a told broker packet limit reach every party.
+
 Threads: every device has two (paho's network loop and its agent worker),
 so this mode suits tens of devices; thousands run in
 :mod:`firmware_sim.engine`.
@@ -24,6 +33,7 @@ so this mode suits tens of devices; thousands run in
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import random
 import shutil
@@ -57,13 +67,41 @@ from edge_sdk.policy import FederationPolicy
 from edge_sdk.privacy import epsilon_spent
 from edge_sdk.transport import MqttTransport, TransportConfig
 from firmware_sim.broker import BrokerKind, EmbeddedBroker, MosquittoBroker, start_broker
+from firmware_sim.broker_nats import NatsCluster
+from firmware_sim.broker_rabbitmq import RabbitMQBroker
 from firmware_sim.committee import CommitteeProcesses
 from firmware_sim.datasets import load_dataset
 from firmware_sim.engine import SimConfig, build_model, fleet_plan
 from firmware_sim.faults import FaultProxy
 from firmware_sim.partition import partition
 
-__all__ = ["DeviceProfile", "Fleet", "FleetConfig", "FleetResult", "FleetRound"]
+__all__ = [
+    "HARNESS_BROKERS",
+    "DeviceProfile",
+    "Fleet",
+    "FleetConfig",
+    "FleetResult",
+    "FleetRound",
+    "node_urls",
+]
+
+HARNESS_BROKERS = ("auto", "mosquitto", "embedded", "rabbitmq", "nats")
+"""Broker kinds the fleet starts itself (anything else must be urls)."""
+
+
+def node_urls(broker: str) -> list[str]:
+    """The urls of a ``--broker`` value naming running brokers (comma-separated).
+
+    Raises:
+        ValueError: a value that is neither a harness kind nor urls.
+    """
+    urls = [u.strip() for u in broker.split(",") if u.strip()]
+    if not urls or any("://" not in u for u in urls):
+        raise ValueError(
+            f"broker must be one of {', '.join(HARNESS_BROKERS)} or mqtt[s]:// urls, got {broker!r}"
+        )
+    return urls
+
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +163,12 @@ class FleetConfig:
     holders: int = 3
     threshold: int = 2
     broker: str = "auto"
+    mqtt: int | None = None
+    username: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    broker_max_packet_size: int | None = None
     profile: DeviceProfile = field(default_factory=DeviceProfile)
     seed: int = 0
 
@@ -137,6 +181,16 @@ class FleetConfig:
             raise ValueError(
                 f"need 1 <= threshold <= holders, got {self.threshold} of {self.holders}"
             )
+        if self.mqtt not in (None, 5, 311):
+            raise ValueError(f"mqtt must be 5 or 311 (3.1.1), got {self.mqtt!r}")
+        if self.broker not in HARNESS_BROKERS:
+            urls = node_urls(self.broker)
+            if self.profile.link_latency_ms > 0 and len(urls) > 1:
+                raise ValueError("link latency goes through one fault proxy: give one broker url")
+        elif self.tls_ca or self.tls_cert or self.username:
+            raise ValueError("credentials and TLS options need a broker url (mqtts:// for TLS)")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
 
     @property
     def quorum(self) -> int:
@@ -208,6 +262,9 @@ class Fleet:
         workdir: folder for keys, the aggregator store and every device's state.
         progress: called with ``("round", figures)`` after each round and
             ``("update", {"round", "received", "expected"})`` as updates arrive.
+        password: the broker password of ``config.username`` (kept out of
+            the config and the summary).
+        primes: known safe primes (tests): skips prime generation.
     """
 
     def __init__(
@@ -216,8 +273,13 @@ class Fleet:
         workdir: str | Path,
         *,
         progress: ProgressFn | None = None,
+        password: str | None = None,
         primes: tuple[int, int] | None = None,
     ) -> None:
+        if password is not None and config.username is None:
+            raise ValueError("a password needs config.username")
+        self._password = password
+        self._urls: list[str] = []
         self.config = config
         self._primes = primes  # known safe primes (tests): skips prime generation
         self.committee: CommitteeProcesses | None = None
@@ -280,31 +342,27 @@ class Fleet:
         if self.workdir.exists():
             shutil.rmtree(self.workdir)
         self.workdir.mkdir(parents=True)
-        broker: MosquittoBroker | EmbeddedBroker | None = None
+        broker: MosquittoBroker | EmbeddedBroker | RabbitMQBroker | NatsCluster | None = None
         proxy: FaultProxy | None = None
-        if "://" in cfg.broker:
-            url, protocol, broker_name = cfg.broker, 5, cfg.broker
-        else:
-            kind: BrokerKind = cfg.broker  # type: ignore[assignment]
-            broker = (
-                start_broker(kind, workdir=self.workdir / "broker")
-                if kind != "embedded"
-                else start_broker("embedded")
-            )
-            url = broker.url
-            protocol = 5 if broker.supports_mqtt5 else 311
-            broker_name = broker.kind
-        device_url = url
-        if cfg.profile.link_latency_ms > 0:
-            host_port = url.split("://", 1)[1]
-            host, port = host_port.rsplit(":", 1)
-            proxy = FaultProxy(host, int(port)).start()
-            proxy.latency(cfg.profile.link_latency_ms / 1000)
-            device_url = proxy.url
         service: AggregatorService | None = None
-        result = FleetResult(config=asdict(cfg), broker=broker_name)
         try:
-            service = self._setup(url, device_url, protocol)
+            if cfg.broker not in HARNESS_BROKERS:
+                urls, supports5, broker_name = node_urls(cfg.broker), True, cfg.broker
+            else:
+                broker = self._start_harness_broker(cfg.broker)
+                urls = list(broker.urls) if isinstance(broker, NatsCluster) else [broker.url]
+                supports5, broker_name = broker.supports_mqtt5, broker.kind
+            protocol = cfg.mqtt or (5 if supports5 else 311)
+            self._urls = urls
+            device_urls = urls
+            if cfg.profile.link_latency_ms > 0:
+                host_port = urls[0].split("://", 1)[1]
+                host, port = host_port.rsplit(":", 1)
+                proxy = FaultProxy(host, int(port)).start()
+                proxy.latency(cfg.profile.link_latency_ms / 1000)
+                device_urls = [proxy.url]
+            result = FleetResult(config=asdict(cfg), broker=broker_name)
+            service = self._setup(device_urls, protocol)
             self._loop(service, result, timeout_s)
         finally:
             for device_id in list(self.agents):
@@ -319,12 +377,76 @@ class Fleet:
                 proxy.stop()
             if broker is not None:
                 broker.stop()
+                if isinstance(broker, (RabbitMQBroker, NatsCluster)):
+                    broker.cleanup()
         result.seconds = time.perf_counter() - started
         result.reboots = self.reboots
         return result
 
-    def _setup(self, url: str, device_url: str, protocol: int) -> AggregatorService:
+    def _start_harness_broker(
+        self, kind: str
+    ) -> MosquittoBroker | EmbeddedBroker | RabbitMQBroker | NatsCluster:
+        if kind == "rabbitmq":
+            self.progress("setup", {"step": "starting a RabbitMQ node (MQTT plugin)"})
+            rabbit = RabbitMQBroker(workdir=self.workdir / "rabbitmq")
+            rabbit.start()
+            return rabbit
+        if kind == "nats":
+            self.progress("setup", {"step": "starting a 3-node NATS cluster"})
+            cluster = NatsCluster(workdir=self.workdir / "nats")
+            cluster.start()
+            return cluster
+        if kind == "embedded":
+            return start_broker("embedded")
+        harness: BrokerKind = kind  # type: ignore[assignment]
+        return start_broker(harness, workdir=self.workdir / "broker")
+
+    def transport_settings(self, urls: list[str], node: int, protocol: int) -> dict[str, Any]:
+        """What every party's transport gets: its node, failover nodes, access settings.
+
+        Args:
+            urls: the broker's node urls.
+            node: the party's position; it connects to ``urls[node % len(urls)]``.
+            protocol: 5 or 311.
+        """
         cfg = self.config
+        first = node % len(urls)
+        ordered = urls[first:] + urls[:first]
+        settings: dict[str, Any] = {"url": ordered[0], "protocol": protocol}
+        if len(ordered) > 1:
+            settings["failover_urls"] = ordered[1:]
+        optional = {
+            "username": cfg.username,
+            "password": self._password,
+            "ca_file": cfg.tls_ca,
+            "cert_file": cfg.tls_cert,
+            "key_file": cfg.tls_key,
+            "broker_max_packet_size": cfg.broker_max_packet_size,
+        }
+        settings.update({k: v for k, v in optional.items() if v is not None})
+        return settings
+
+    def _configure_members(self, keys: Path, protocol: int) -> None:
+        """Point every committee member's ``[broker]`` at its node, with the access settings."""
+        for k, config in enumerate(sorted(keys.glob("*/keyholder.toml"))):
+            settings = {
+                **self.transport_settings(self._urls, k + 1, protocol),
+                "reconnect_min_s": 0.2,
+                "reconnect_max_s": 2.0,
+            }
+            lines = []
+            for line in config.read_text(encoding="utf-8").splitlines():
+                key = line.split("=", 1)[0].strip()
+                if key not in settings:
+                    lines.append(line)
+            # [broker] is the file's last table: the keys below land in it
+            lines += [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
+            config.write_text("\n".join(lines) + "\n", encoding="utf-8")
+            config.chmod(0o600)  # it may hold the broker password
+
+    def _setup(self, device_urls: list[str], protocol: int) -> AggregatorService:
+        cfg = self.config
+        url = self._urls[0]
         self.progress(
             "setup",
             {
@@ -388,8 +510,7 @@ class Fleet:
                 federation=cfg.federation,
                 state_dir=state,
                 broker={
-                    "url": device_url,
-                    "protocol": protocol,
+                    **self.transport_settings(device_urls, i + 2, protocol),
                     "keepalive": 10,
                     "reconnect_min_s": 0.2,
                     "reconnect_max_s": 2.0,
@@ -413,6 +534,7 @@ class Fleet:
             {h.holder_id: h.public_key for h in manifest.holders}, manifest.threshold
         )
         self.progress("setup", {"step": f"starting {cfg.holders} key holders (one process each)"})
+        self._configure_members(keys, protocol)
         self.committee = CommitteeProcesses.from_ceremony(keys)
         self.committee.start()
         model = build_model(self._sim_config, self._data)
@@ -460,9 +582,8 @@ class Fleet:
         )
         transport = MqttTransport(
             TransportConfig(
-                url=url,
+                **self.transport_settings(self._urls, 0, protocol),
                 client_id=f"edgefl-aggregator-{cfg.federation}",
-                protocol=protocol,
                 clean_start=False,
                 session_expiry_s=3600,
                 manual_ack=True,

@@ -99,6 +99,8 @@ class BrokerTable:
     key_file: str | None = None
     keepalive: int | None = None
     max_message_size: int | None = None
+    broker_max_packet_size: int | None = None
+    failover_urls: tuple[str, ...] | None = None
 
     def settings(self) -> dict[str, Any]:
         """The keys that were set, for :class:`~edge_sdk.transport.TransportConfig`."""

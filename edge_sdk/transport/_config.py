@@ -137,6 +137,10 @@ class TransportConfig:
 
     Attributes:
         url: ``mqtt://host:port`` or ``mqtts://host:port``.
+        failover_urls: other nodes of the same clustered broker (same
+            scheme). After a lost or failed connection the transport tries
+            the next url in turn (``url`` first), so a client whose node dies
+            resumes its session on another node. Empty: ``url`` only.
         client_id: the MQTT client id (printable ASCII, no spaces, 1-256
             characters). A durable subscriber needs the same id on every start.
         protocol: 5 (MQTT 5, default) or 311 (MQTT 3.1.1).
@@ -161,6 +165,12 @@ class TransportConfig:
             a fleet reconnects in lock-step after a broker restart.
         max_message_size: largest PUBLISH packet sent or accepted, bytes
             (topic, headers and payload included).
+        broker_max_packet_size: the broker's own maximum packet size, bytes,
+            when the broker cannot say it: an MQTT 3.1.1 CONNACK carries no
+            limit, and a broker that meets a larger packet just closes the
+            connection. Outbound packets are kept to the smallest of this,
+            ``max_message_size`` and (MQTT 5) the CONNACK's Maximum Packet
+            Size. None: not told (MQTT 5 learns it from the CONNACK).
         connect_timeout: seconds for the TCP connect and TLS handshake.
         manual_ack: inbound QoS 1 messages are acknowledged only when the
             handler calls :meth:`InboundMessage.ack` (an aggregator acks after
@@ -169,6 +179,7 @@ class TransportConfig:
 
     url: str
     client_id: str
+    failover_urls: tuple[str, ...] = ()
     protocol: int = 5
     username: str | None = None
     password: str | None = None
@@ -183,11 +194,23 @@ class TransportConfig:
     reconnect_max_s: float = 60.0
     jitter: bool = True
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    broker_max_packet_size: int | None = None
     connect_timeout: float = 10.0
     manual_ack: bool = False
 
     def __post_init__(self) -> None:
         scheme, _host, _port = parse_url(self.url)
+        failover: object = self.failover_urls
+        if isinstance(failover, list):
+            object.__setattr__(self, "failover_urls", tuple(failover))
+        if not isinstance(self.failover_urls, tuple):
+            raise ConfigError(f"failover_urls must be a list of urls, got {self.failover_urls!r}")
+        for other in self.failover_urls:
+            if parse_url(other)[0] != scheme:
+                raise ConfigError(
+                    f"failover url {other!r} must use the scheme of url ({scheme}://): "
+                    "every node of a cluster is reached the same way"
+                )
         if not isinstance(self.client_id, str) or not _CLIENT_ID_RE.fullmatch(self.client_id):
             raise ConfigError(
                 f"client_id must be 1-256 printable ASCII characters without spaces, "
@@ -229,7 +252,14 @@ class TransportConfig:
                 f"({self.reconnect_min_s})"
             )
         _check_int(self.max_message_size, "max_message_size", 64, 268_435_460)
+        if self.broker_max_packet_size is not None:
+            _check_int(self.broker_max_packet_size, "broker_max_packet_size", 64, 268_435_460)
         _check_float(self.connect_timeout, "connect_timeout", positive=True)
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """``url`` followed by ``failover_urls``: the order connections are tried in."""
+        return (self.url, *self.failover_urls)
 
     @property
     def tls(self) -> bool:

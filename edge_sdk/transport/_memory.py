@@ -358,11 +358,17 @@ class MemoryTransport:
 
     @property
     def max_message_size(self) -> int:
-        """The configured limit, or the broker's maximum packet size if smaller."""
-        broker_max = self.broker.max_packet_size
-        if broker_max is not None:
-            return min(self._config.max_message_size, broker_max)
-        return self._config.max_message_size
+        """The smallest of the configured, the told and the broker's maximum packet size."""
+        limits = [
+            v
+            for v in (
+                self._config.max_message_size,
+                self._config.broker_max_packet_size,
+                self.broker.max_packet_size,
+            )
+            if v is not None
+        ]
+        return min(limits)
 
     def max_payload_size(self, topic: str, *, qos: int = 1) -> int:
         """Return the largest payload :meth:`publish` accepts for ``topic`` at ``qos``."""

@@ -12,13 +12,25 @@ machines, see the project's findings):
   which throws away a durable subscriber's queued messages at every restart.
 * **Sizes are checked before paho sees a message.** paho ignores the broker's
   maximum packet size: one oversized QoS 1 message made it disconnect and
-  reconnect in a loop, blocking everything behind it.
+  reconnect in a loop, blocking everything behind it. The limit is the
+  smallest of ``max_message_size``, the told ``broker_max_packet_size``
+  (MQTT 3.1.1 brokers cannot say theirs) and the MQTT 5 CONNACK's.
+* **An oversized publish that slipped through ends, it does not loop.** When
+  the broker closes the connection twice while the same QoS 1 message,
+  larger than any it ever acknowledged, is in flight (at once on an MQTT 5
+  "Packet too large"), that message is dropped from paho's queue, counted in
+  ``refused_oversize`` and logged, and its size minus one becomes the
+  learned limit: the next publish that large raises
+  :class:`MessageTooLargeError`, and callers that chunk to
+  :meth:`MqttTransport.max_payload_size` cut smaller pieces.
 * **A publish while disconnected raises** :class:`NotConnectedError` instead
   of paho's "rc 4 but queued anyway" (whose ``wait_for_publish`` then raises).
 * **Manual acks are bound to their connection**: an ``ack()`` arriving after
   a reconnect is dropped rather than acknowledging whatever message now has
   that packet id; the broker redelivers the original with DUP set.
-* Subscriptions are re-sent after every connect whose session was not resumed.
+* Subscriptions are re-sent after every connect whose session was not resumed,
+  and a re-subscription the broker refuses is sent again with a doubling
+  wait (0.5 s to 30 s): a cluster that lost a node refuses some for seconds.
 
 Threads: paho's single network thread (started by :meth:`MqttTransport.connect`)
 reads, writes, reconnects and runs every handler and connection listener,
@@ -49,6 +61,7 @@ from edge_sdk.transport._backoff import Backoff, UniformSource
 from edge_sdk.transport._config import TransportConfig, parse_url
 from edge_sdk.transport._errors import (
     ConnectRefusedError,
+    MessageTooLargeError,
     NotConnectedError,
     SubscriptionRefusedError,
     TransportError,
@@ -78,6 +91,13 @@ log = logging.getLogger("edge_sdk.transport")
 # flapping link (e.g. kicked by an ACL) does not reconnect in a tight loop.
 _STABLE_AFTER_S = 10.0
 _FLUSH_POLL_S = 0.02
+# Connections lost while the same over-proven message was in flight before it
+# is taken for one the broker refuses (the first loss may be a real outage).
+_OVERSIZE_STRIKES = 2
+_PACKET_TOO_LARGE = 0x95
+# Waits before re-sending a re-subscription the broker refused, doubling.
+_RESUBSCRIBE_MIN_S = 0.5
+_RESUBSCRIBE_MAX_S = 30.0
 
 
 class _QuietAfterClose(logging.Filter):
@@ -130,6 +150,17 @@ def build_tls_context(config: TransportConfig) -> ssl.SSLContext:
     return context
 
 
+class _Outgoing:
+    """A QoS 1 publish handed to paho and not yet known to be acknowledged."""
+
+    __slots__ = ("info", "size", "topic")
+
+    def __init__(self, info: mqtt.MQTTMessageInfo, size: int, topic: str) -> None:
+        self.info = info
+        self.size = size
+        self.topic = topic
+
+
 class _Subscription:
     __slots__ = ("confirmed", "handler", "qos")
 
@@ -172,6 +203,8 @@ class MqttTransport:
     def __init__(self, config: TransportConfig, *, rng: UniformSource | None = None) -> None:
         self._config = config
         scheme, self._host, self._port = parse_url(config.url)
+        self._nodes = [parse_url(u)[1:] for u in config.urls]
+        self._node = 0
         self._backoff = Backoff(
             config.reconnect_min_s, config.reconnect_max_s, jitter=config.jitter, rng=rng
         )
@@ -183,6 +216,10 @@ class MqttTransport:
         self._session_present = False
         self._generation = 0
         self._broker_max: int | None = None
+        self._learned_max: int | None = None
+        self._proven_size = 0
+        self._suspect: tuple[int, int] | None = None
+        self._strikes = 0
         self._refusal: ConnectRefusedError | None = None
         self._last_reason = ""
         self._started = False
@@ -193,8 +230,9 @@ class MqttTransport:
         self._connected_at = 0.0
         self._suback: dict[int, list[ReasonCode]] = {}
         self._auto_mids: dict[int, str] = {}
+        self._resub_attempts: dict[str, int] = {}
         self._suback_codes: dict[str, int] = {}
-        self._unacked: list[mqtt.MQTTMessageInfo] = []
+        self._unacked: list[_Outgoing] = []
         self.reconnect_delays: deque[float] = deque(maxlen=64)
         """The most recent reconnect waits, seconds (diagnostics and tests)."""
         self.connect_count = 0
@@ -203,6 +241,8 @@ class MqttTransport:
         """Inbound messages dropped because they exceeded ``max_message_size``."""
         self.refused_publishes = 0
         """QoS 1 publishes the broker answered with a failure PUBACK (MQTT 5), e.g. ACL."""
+        self.refused_oversize = 0
+        """QoS 1 publishes dropped because the broker kept closing the connection on them."""
         self._client = self._make_client(scheme == "mqtts")
 
     # ------------------------------------------------------------------ set-up
@@ -270,6 +310,12 @@ class MqttTransport:
             return self._connected
 
     @property
+    def node_url(self) -> str:
+        """The url of the node this transport connects (or last connected) to."""
+        with self._lock:
+            return self._config.urls[self._node]
+
+    @property
     def session_present(self) -> bool:
         """Whether the broker resumed a session on the latest connect."""
         with self._lock:
@@ -277,11 +323,24 @@ class MqttTransport:
 
     @property
     def max_message_size(self) -> int:
-        """The configured limit, or the broker's maximum packet size if smaller."""
+        """The largest PUBLISH :meth:`publish` sends, bytes.
+
+        The smallest of ``max_message_size``, ``broker_max_packet_size`` (told),
+        the MQTT 5 CONNACK's Maximum Packet Size (learned) and a limit learned
+        from a broker that closed the connection on an oversized message.
+        """
         with self._lock:
-            if self._broker_max is not None:
-                return min(self._config.max_message_size, self._broker_max)
-            return self._config.max_message_size
+            limits = [
+                v
+                for v in (
+                    self._config.max_message_size,
+                    self._config.broker_max_packet_size,
+                    self._broker_max,
+                    self._learned_max,
+                )
+                if v is not None
+            ]
+            return min(limits)
 
     def max_payload_size(self, topic: str, *, qos: int = 1) -> int:
         """Return the largest payload :meth:`publish` accepts for ``topic`` at ``qos``."""
@@ -402,9 +461,23 @@ class MqttTransport:
                 checked before paho sees it, the connection is unaffected.
             NotConnectedError: not connected; nothing was queued.
         """
-        data = checked_publish(
-            topic, payload, qos=qos, protocol=self._config.protocol, limit=self.max_message_size
-        )
+        limit = self.max_message_size
+        try:
+            data = checked_publish(
+                topic, payload, qos=qos, protocol=self._config.protocol, limit=limit
+            )
+        except MessageTooLargeError as exc:
+            with self._lock:
+                learned = self._learned_max
+            if learned is not None and limit == learned:
+                raise MessageTooLargeError(
+                    f"{exc}; the broker {self._config.url} closed the connection on a "
+                    f"{learned + 1}-byte message, so {learned} bytes is the learned limit "
+                    "(set broker_max_packet_size to the broker's real one)",
+                    size=exc.size,
+                    limit=exc.limit,
+                ) from None
+            raise
         with self._lock:
             if not self._connected:
                 raise NotConnectedError(
@@ -416,9 +489,10 @@ class MqttTransport:
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             raise TransportError(f"paho refused the publish to {topic!r}: rc {info.rc}")
         if qos == 1:
+            size = publish_packet_size(topic, len(data), qos=qos, protocol=self._config.protocol)
             with self._cond:
-                self._unacked = [i for i in self._unacked if not _published(i)]
-                self._unacked.append(info)
+                self._unacked = [o for o in self._unacked if not _published(o.info)]
+                self._unacked.append(_Outgoing(info, size, topic))
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until the broker has acknowledged every QoS 1 message published so far.
@@ -429,7 +503,7 @@ class MqttTransport:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while True:
-                self._unacked = [i for i in self._unacked if not _published(i)]
+                self._unacked = [o for o in self._unacked if not _published(o.info)]
                 if not self._unacked:
                     return True
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -521,6 +595,13 @@ class MqttTransport:
                 return
             attempt = self._retry
             self._retry += 1
+        if len(self._nodes) > 1:
+            # the next node of the cluster; paho reads _host/_port right after this hook
+            # (its public setters refuse changes while a connect is in progress)
+            with self._lock:
+                self._node = (self._node + 1) % len(self._nodes)
+                host, port = self._nodes[self._node]
+            client._host, client._port = host, port
         delay = self._backoff.delay(attempt)
         self.reconnect_delays.append(delay)
         log.debug("%s: reconnecting in %.2f s (attempt %d)", self.client_id, delay, attempt + 1)
@@ -562,7 +643,7 @@ class MqttTransport:
         log.info(
             "%s: connected to %s (session %s)",
             self.client_id,
-            self._config.url,
+            self.node_url,
             "resumed" if self._session_present else "new",
         )
         for topic_filter, qos in todo:
@@ -584,6 +665,8 @@ class MqttTransport:
             was_connected = self._connected
             self._connected = False
             self._last_reason = _name(reason)
+            if was_connected:
+                self._check_oversize(_code(reason))
             if was_connected and time.monotonic() - self._connected_at >= _STABLE_AFTER_S:
                 self._retry = 0
             self._auto_mids.clear()
@@ -610,14 +693,39 @@ class MqttTransport:
             self._suback_codes[topic_filter] = code
             sub = self._subs.get(topic_filter)
             if code >= 0x80:
+                attempt = self._resub_attempts.get(topic_filter, 0)
+                self._resub_attempts[topic_filter] = attempt + 1
+                delay = min(_RESUBSCRIBE_MAX_S, _RESUBSCRIBE_MIN_S * 2**attempt)
                 log.error(
-                    "%s: broker refused re-subscription %r (code 0x%02x)",
+                    "%s: broker refused re-subscription %r (code 0x%02x); retrying in %.1f s",
                     self.client_id,
                     topic_filter,
                     code,
+                    delay,
                 )
+                if sub is not None:
+                    timer = threading.Timer(delay, self._resubscribe, args=(topic_filter,))
+                    timer.daemon = True
+                    timer.start()
             elif sub is not None:
                 sub.confirmed = True
+                self._resub_attempts.pop(topic_filter, None)
+
+    def _resubscribe(self, topic_filter: str) -> None:
+        """Send a refused re-subscription again (a timer thread).
+
+        A clustered broker may refuse subscriptions for a few seconds after
+        one of its nodes died (NATS answers 0x80 until its JetStream streams
+        have a new leader); giving up would leave the client connected but
+        deaf on that filter for good.
+        """
+        with self._lock:
+            sub = self._subs.get(topic_filter)
+            if self._closed or not self._connected or sub is None or sub.confirmed:
+                return  # the next connect re-sends it anyway
+            rc, mid = self._client.subscribe(topic_filter, qos=sub.qos)
+            if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+                self._auto_mids[mid] = topic_filter
 
     def _on_publish(
         self,
@@ -631,10 +739,53 @@ class MqttTransport:
         with self._cond:
             if refused:
                 self.refused_publishes += 1
+            else:
+                for out in self._unacked:
+                    if out.info.mid == mid and not _published(out.info):
+                        self._proven_size = max(self._proven_size, out.size)
+                        break
             self._cond.notify_all()
         if refused:
             # MQTT 5 only: e.g. Mosquitto answers 0x87 for a publish its ACL denies
             log.warning("%s: broker refused publish mid %d: %s", self.client_id, mid, _name(reason))
+
+    def _check_oversize(self, reason_code: int) -> None:
+        """After a lost connection: was it the broker refusing an oversized message?
+
+        Called with the lock held, on paho's thread, before any reconnect.
+        The suspect is the largest QoS 1 message in flight that is larger
+        than every message the broker acknowledged so far; a broker that
+        closes the connection on it every time (or says "Packet too large")
+        is taken to refuse it.
+        """
+        pending = [
+            o for o in self._unacked if not _published(o.info) and o.size > self._proven_size
+        ]
+        if not pending:
+            self._suspect, self._strikes = None, 0
+            return
+        worst = max(pending, key=lambda o: o.size)
+        key = (worst.info.mid, worst.size)
+        self._strikes = self._strikes + 1 if self._suspect == key else 1
+        self._suspect = key
+        if reason_code != _PACKET_TOO_LARGE and self._strikes < _OVERSIZE_STRIKES:
+            return
+        self._suspect, self._strikes = None, 0
+        self._learned_max = max(self._proven_size, worst.size - 1)
+        self.refused_oversize += 1
+        _drop_outgoing(self._client, worst.info)
+        self._unacked.remove(worst)
+        log.error(
+            "%s: broker %s closed the connection while a %d-byte PUBLISH to %r was in "
+            "flight%s; dropped it, and %d bytes is now the limit (tell the transport the "
+            "broker's maximum packet size: broker_max_packet_size)",
+            self.client_id,
+            self._config.url,
+            worst.size,
+            worst.topic,
+            " (Packet too large)" if reason_code == _PACKET_TOO_LARGE else " twice",
+            self._learned_max,
+        )
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
@@ -716,6 +867,23 @@ class MqttTransport:
             f"MqttTransport(url={self._config.url!r}, client_id={self.client_id!r}, "
             f"connected={self.connected})"
         )
+
+
+def _drop_outgoing(client: mqtt.Client, info: mqtt.MQTTMessageInfo) -> None:
+    """Remove one QoS 1 message from paho's resend queue and wake its waiters.
+
+    paho 2.x offers only ``drop_out_messages()`` (all of them); its queue is
+    ``_out_messages`` under ``_out_message_mutex``, both stable through 2.x.
+    The message is marked failed (``MQTT_ERR_PAYLOAD_SIZE``) and done, so
+    :meth:`MqttTransport.flush` does not wait for it.
+    """
+    mutex = getattr(client, "_out_message_mutex", None)
+    queued = getattr(client, "_out_messages", None)
+    if mutex is not None and queued is not None:
+        with mutex:
+            queued.pop(info.mid, None)
+    info.rc = MQTTErrorCode.MQTT_ERR_PAYLOAD_SIZE
+    info._set_as_published()
 
 
 def _published(info: mqtt.MQTTMessageInfo) -> bool:

@@ -1,0 +1,210 @@
+"""Full rounds over other brokers: a 3-node NATS cluster losing a node, RabbitMQ's MQTT plugin.
+
+Everything is real: device agents (training, noise, Paillier, signatures,
+outboxes), the aggregator service with its SQLite store, and a 2-of-3
+key-holder committee of ``edgefl keyholder serve`` processes, all over MQTT
+3.1.1 (neither broker speaks MQTT 5 here). The quorum is every device, so a
+round completes only if no update is lost.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edge_sdk.cli import main
+from edge_sdk.errors import ConfigError
+from edge_sdk.privacy import PrivacyLedger
+from edge_sdk.transport import ConnectRefusedError, MqttTransport, TransportConfig
+from firmware_sim.broker_nats import NatsCluster
+from firmware_sim.broker_rabbitmq import RabbitMQBroker
+from firmware_sim.fleet import Fleet, FleetConfig
+from tests.test_aggregator_support import SAFE_PRIMES
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+
+def _config(broker: str, **kw: Any) -> FleetConfig:
+    base: dict[str, Any] = dict(
+        devices=5,
+        rounds=2,
+        min_clients=5,
+        model="softmax",
+        clip=0.5,
+        lr=0.3,
+        local_epochs=2,
+        round_duration_s=40,
+        broker=broker,
+        mqtt=311,
+        epsilon=4.0,
+    )
+    base.update(kw)
+    return FleetConfig(**base)
+
+
+def _charged_rounds(workdir: Path) -> list[list[int]]:
+    ledgers = sorted((workdir / "devices").glob("*/ledger.json"))
+    return [[e.round_id for e in PrivacyLedger.open_existing(p).entries] for p in ledgers]
+
+
+def test_round_over_a_nats_cluster_survives_killing_the_aggregators_node(
+    nats_cluster: NatsCluster, tmp_path: Path
+) -> None:
+    urls = nats_cluster.urls
+    killed: list[dict[str, Any]] = []
+
+    def progress(kind: str, data: dict[str, Any]) -> None:
+        # node 1 carries the aggregator, key holder 3 and devices 1 and 4
+        if kind == "update" and data["round"] == 1 and data["received"] >= 1 and not killed:
+            nats_cluster.kill_node(0)
+            killed.append(data)
+
+    cfg = _config(",".join(urls), federation="natsfed")
+    fleet = Fleet(cfg, tmp_path / "w", progress=progress, primes=SAFE_PRIMES)
+    placement = {
+        "aggregator": fleet.transport_settings(urls, 0, 311)["url"],
+        "holders": [fleet.transport_settings(urls, k + 1, 311)["url"] for k in range(3)],
+        "devices": [fleet.transport_settings(urls, j + 2, 311)["url"] for j in range(5)],
+    }
+    assert set(placement["holders"]) == set(urls) and set(placement["devices"]) == set(urls)
+    result = fleet.run(timeout_s=240)
+
+    assert killed and killed[0]["received"] < 5, "the node must die while round 1 collects"
+    assert not nats_cluster.nodes[0].running
+    assert [r.round for r in result.rounds] == [1, 2]
+    assert [r.contributors for r in result.rounds] == [5, 5]  # nothing lost
+    assert result.rejections == {}
+    assert result.keyholder_refusals == 0
+    assert _charged_rounds(tmp_path / "w") == [[1, 2]] * 5  # each device charged once a round
+
+
+def test_rounds_over_the_rabbitmq_mqtt_plugin(rabbitmq: RabbitMQBroker, tmp_path: Path) -> None:
+    opts = rabbitmq.options
+    cfg = _config(
+        rabbitmq.url, devices=4, min_clients=4, federation="rmqfed", username=opts.username
+    )
+    result = Fleet(cfg, tmp_path / "w", password=opts.password, primes=SAFE_PRIMES).run(
+        timeout_s=180
+    )
+    assert [r.round for r in result.rounds] == [1, 2]
+    assert [r.contributors for r in result.rounds] == [4, 4]
+    assert result.rejections == {}
+    assert "password" not in json.dumps(result.to_json())
+
+
+def test_rabbitmq_refuses_a_wrong_password(rabbitmq: RabbitMQBroker) -> None:
+    transport = MqttTransport(
+        TransportConfig(
+            url=rabbitmq.url,
+            client_id="intruder",
+            protocol=311,
+            username=rabbitmq.options.username,
+            password="not-the-password",
+        )
+    )
+    try:
+        with pytest.raises(ConnectRefusedError):
+            transport.connect(timeout=20)
+    finally:
+        transport.close()
+
+
+def test_sim_run_over_rabbitmq_with_mqtt_311_and_a_password_file(
+    rabbitmq: RabbitMQBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert rabbitmq.options.password is not None
+    secret = tmp_path / "broker-password"
+    secret.write_text(rabbitmq.options.password + "\n", encoding="utf-8")
+    out = tmp_path / "s.json"
+    base = ["sim", "run", "--broker", rabbitmq.url, "--mqtt", "3.1.1", "--username", "edgefl"]
+    code = main(
+        [
+            *base,
+            "--password-file",
+            str(secret),
+            "--devices",
+            "3",
+            "--rounds",
+            "1",
+            "--model",
+            "softmax",
+            "--crypto",
+            "on",
+            "--min-clients",
+            "3",
+            "--json",
+            str(out),
+            "--workdir",
+            str(tmp_path / "w"),
+        ]
+    )
+    assert code == 0
+    summary = json.loads(out.read_text())
+    assert summary["rounds"] == 1 and summary["per_round"][0]["contributors"] == 3
+    assert summary["config"]["mqtt"] == 311 and summary["config"]["username"] == "edgefl"
+    assert rabbitmq.options.password not in out.read_text()
+    # a user name without a password (no file, no environment) is a usage error
+    monkeypatch.delenv("EDGEFL_BROKER_PASSWORD", raising=False)
+    assert main([*base, "--crypto", "on"]) == 2
+
+
+def test_sim_run_refuses_broker_options_without_a_broker() -> None:
+    assert main(["sim", "run", "--mqtt", "3.1.1", "--devices", "2", "--rounds", "1"]) == 2
+
+
+def test_fleet_config_refuses_bad_broker_settings() -> None:
+    with pytest.raises(ValueError, match="mqtt must be 5 or 311"):
+        FleetConfig(broker="mqtt://127.0.0.1:1", mqtt=4)
+    with pytest.raises(ValueError, match="need a broker url"):
+        FleetConfig(broker="mosquitto", username="u")
+    with pytest.raises(ValueError, match="broker must be one of"):
+        FleetConfig(broker="rabbit")
+    with pytest.raises(ConfigError, match="scheme"):
+        TransportConfig(
+            url="mqtt://127.0.0.1:1", client_id="c", failover_urls=("mqtts://127.0.0.1:2",)
+        )
+
+
+def test_sim_run_passes_tls_options_to_every_party(tmp_path: Path) -> None:
+    from firmware_sim.broker import MosquittoBroker, MosquittoOptions, TlsListener
+    from firmware_sim.pki import CertificateAuthority
+    from tests.conftest import _require_mosquitto
+
+    _require_mosquitto()
+    ca = CertificateAuthority.init(tmp_path / "ca")
+    ca.issue("broker", "broker")
+    ca.issue("device", "fleet")  # one client certificate for every simulated party
+    options = MosquittoOptions(
+        plain_listener=False,
+        tls=TlsListener(
+            certfile=ca.cert_path("broker"),
+            keyfile=ca.key_path("broker"),
+            cafile=ca.ca_cert,
+            use_identity_as_username=False,  # parties share the certificate: keep their ids
+            use_username_as_clientid=False,
+        ),
+    )
+    with MosquittoBroker(workdir=tmp_path / "m", options=options) as broker:
+        assert broker.tls_url is not None
+        out = tmp_path / "s.json"
+        args = ["sim", "run", "--broker", broker.tls_url, "--devices", "3", "--rounds", "1"]
+        args += ["--model", "softmax", "--crypto", "on", "--min-clients", "3"]
+        args += ["--tls-ca", str(ca.ca_cert), "--json", str(out), "--workdir", str(tmp_path / "w")]
+        assert (
+            main(
+                [
+                    *args,
+                    "--tls-cert",
+                    str(ca.cert_path("fleet")),
+                    "--tls-key",
+                    str(ca.key_path("fleet")),
+                ]
+            )
+            == 0
+        )
+        summary = json.loads(out.read_text())
+        assert summary["per_round"][0]["contributors"] == 3
+        assert summary["config"]["tls_ca"] == str(ca.ca_cert)
