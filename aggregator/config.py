@@ -56,6 +56,10 @@ cohort = []                          # device ids; empty = every enrolled device
 fixed_denominator = 0                # DP-FedAvg: divide by this instead of the count
 metrics_port = 0                     # Prometheus endpoint (needs prometheus-client)
 tick_s = 0.2
+commit_batch = 64                    # group commit: most accepted updates per transaction
+                                     # (one fsync each); 1 = one commit per update
+commit_max_ms = 5                    # ...and most ms an accepted update waits for its batch;
+                                     # receipts are sent only once their batch is on disk
 
 [aggregator.optimizer]
 name = "fedavg"                      # fedavg | fedavgm | fedadam
@@ -121,6 +125,8 @@ _AGG_KEYS = {
     "privacy",
     "keyholder_retry_s",
     "policy",
+    "commit_batch",
+    "commit_max_ms",
 }
 _COMMITTEE_KEYS = {"manifest", "mode", "members", "passphrase_file", "allow_unencrypted_key"}
 COMMITTEE_MODES = ("remote", "inprocess-insecure-dev")
@@ -397,6 +403,7 @@ def build_aggregator(cfg: ServiceConfig, *, transport: Any = None) -> Any:
     )
     if transport is None:
         transport = make_transport(cfg.transport, default_client_id="aggregator")
+    commit_batch, commit_max_ms = commit_settings(agg)
     return AggregatorService(
         machine,
         store,
@@ -404,7 +411,29 @@ def build_aggregator(cfg: ServiceConfig, *, transport: Any = None) -> Any:
         keyholders=members,
         metrics=Metrics(enabled=True, port=int(agg.get("metrics_port", 0))),
         crash=CrashHook(),
+        commit_batch=commit_batch,
+        commit_max_ms=commit_max_ms,
     )
+
+
+def commit_settings(agg: Mapping[str, Any]) -> tuple[int, float]:
+    """``(commit_batch, commit_max_ms)`` of an ``[aggregator]`` table, checked.
+
+    Raises:
+        ConfigError: not a positive count / a non-negative number of milliseconds.
+    """
+    from aggregator.service import DEFAULT_COMMIT_BATCH, DEFAULT_COMMIT_MAX_MS
+
+    batch = agg.get("commit_batch", DEFAULT_COMMIT_BATCH)
+    max_ms = agg.get("commit_max_ms", DEFAULT_COMMIT_MAX_MS)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ConfigError(f"[aggregator] commit_batch must be an integer >= 1, got {batch!r}")
+    if isinstance(max_ms, bool) or not isinstance(max_ms, (int, float)) or not 0 <= max_ms <= 1000:
+        raise ConfigError(
+            f"[aggregator] commit_max_ms must be a number of milliseconds in [0, 1000], "
+            f"got {max_ms!r}"
+        )
+    return batch, float(max_ms)
 
 
 def make_transport(settings: Mapping[str, Any], *, default_client_id: str) -> Any:
