@@ -241,7 +241,9 @@ class AggregatorService:
         self._batch: list[PersistAccepted] = []
         self._batch_opened = 0.0
         self._deferred: list[Action | InboundMessage] = []
-        self.batches_committed = 0
+        # Transactions that committed accepted updates, and those updates.
+        self.accept_commits = 0
+        self.updates_committed = 0
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -393,6 +395,8 @@ class AggregatorService:
                 if self.commit_batch == 1:
                     self.crash.hit("accept_before_commit")
                     self.store.persist_accepted(action)
+                    self.accept_commits += 1
+                    self.updates_committed += 1
                     self.crash.hit("accept_after_commit")
                     self.metrics.accepted(action.count)
                     continue
@@ -468,7 +472,8 @@ class AggregatorService:
         self.crash.hit("batch_before_commit")
         self.store.persist_accepted_batch(batch)
         self.crash.hit("batch_after_commit")
-        self.batches_committed += 1
+        self.accept_commits += 1
+        self.updates_committed += len(batch)
         for action in batch:
             self.crash.hit("accept_after_commit")
             self.metrics.accepted(action.count)
