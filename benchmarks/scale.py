@@ -423,6 +423,58 @@ def _commits_logged(log: Path) -> int | None:
     return None if match is None else int(match.group(1))
 
 
+def _store_costs(folder: Path) -> dict[str, Any]:
+    """The aggregator store's accepted-update transaction: one per update vs batches of 64."""
+    from aggregator.rounds import Commit, PersistAccepted, RoundRecord
+
+    out: dict[str, Any] = {}
+    n = 256
+    for name, batch in (("store_commit_1_ms_per_update", 1), ("store_commit_64_ms_per_update", 64)):
+        store = AggregatorStore(folder / f"store-{batch}.db", federation=FED)
+        store.commit(
+            Commit(
+                records=(
+                    RoundRecord(round_id=1, phase="collecting", announcement=b"a", opened_ms=1),
+                )
+            )
+        )
+        actions = [
+            PersistAccepted(
+                round_id=1,
+                device_id=f"dev{i:05d}",
+                update_digest=os.urandom(32),
+                proof=os.urandom(400),
+                sum_blob=os.urandom(512),
+                count=i + 1,
+                at_ms=1,
+            )
+            for i in range(n)
+        ]
+        t0 = time.perf_counter()
+        for i in range(0, n, batch):
+            store.persist_accepted_batch(actions[i : i + batch])
+        out[name] = round((time.perf_counter() - t0) / n * 1000, 3)
+        store.close()
+    return out
+
+
+def _intake_costs(folder: Path) -> dict[str, Any]:
+    """The round machine's whole intake of one update in-process (no MQTT, no store)."""
+    from aggregator.rounds import MessageReceived
+    from benchmarks._round import build_round
+
+    devices = 200
+    rnd = build_round(
+        folder / "intake", devices=devices, dim=DIM, min_clients=2, max_contributors=256
+    )
+    t0 = time.perf_counter()
+    for msgs in rnd.messages[:-1]:  # the last one would close the round
+        for topic, payload in msgs:
+            rnd.machine.handle(MessageReceived(topic=topic, payload=payload, now_ms=3))
+    per = (time.perf_counter() - t0) / (devices - 1)
+    return {"intake_ms_per_update": round(per * 1000, 3)}
+
+
 def _component_costs(folder: Path) -> dict[str, Any]:
     """Micro-measures of an update's parts on this machine (same run)."""
     from aggregator.threshold import ceremony
@@ -442,6 +494,8 @@ def _component_costs(folder: Path) -> dict[str, Any]:
         db.execute("COMMIT")
     out["sqlite_commit_fsync_ms"] = round((time.perf_counter() - t0) / n * 1000, 3)
     db.close()
+    out.update(_store_costs(folder))
+    out.update(_intake_costs(folder))
     ident = DeviceIdentity.generate("cost")
     msg = os.urandom(700)
     t0 = time.perf_counter()
