@@ -339,7 +339,7 @@ def _scenario(
         t_c = time.perf_counter()
         try:
             # The members witness (and durably store) every update first.
-            agg.wait(timeout=max(180.0, devices * 0.06))
+            agg.wait(timeout=max(300.0, devices * 0.06))
         except subprocess.TimeoutExpired:
             agg.kill()
             agg.wait()
