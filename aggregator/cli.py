@@ -115,4 +115,9 @@ def _serve(args: argparse.Namespace) -> int:
                 break
     finally:
         service.close()
+        print(
+            f"aggregator stopped: {service.updates_committed} accepted updates committed in "
+            f"{service.accept_commits} transactions (commit_batch {service.commit_batch})",
+            flush=True,
+        )
     return 0

@@ -62,6 +62,10 @@ cohort = []                          # device ids; empty = every enrolled device
 fixed_denominator = 0                # DP-FedAvg: divide by this instead of the count
 metrics_port = 0                     # Prometheus endpoint (needs prometheus-client)
 tick_s = 0.2
+commit_batch = 64                    # group commit: most accepted updates per transaction
+                                     # (one fsync each); 1 = one commit per update
+commit_max_ms = 5                    # ...and most ms an accepted update waits for its batch;
+                                     # receipts are sent only once their batch is on disk
 
 [aggregator.optimizer]
 name = "fedavg"                      # fedavg | fedavgm | fedadam
@@ -136,6 +140,8 @@ class AggregatorTable:
     metrics_port: int = 0
     tick_s: float = 0.2
     keyholder_retry_s: float = 30.0
+    commit_batch: int = 64
+    commit_max_ms: float = 5.0
     optimizer: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     privacy: dict[str, Any] | None = None
@@ -151,6 +157,7 @@ class AggregatorTable:
             raise ValueError("rounds and fixed_denominator must be >= 0")
         if not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be a port number, got {self.metrics_port}")
+        commit_settings({"commit_batch": self.commit_batch, "commit_max_ms": self.commit_max_ms})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -489,7 +496,29 @@ def build_aggregator(cfg: ServiceConfig, *, transport: Any = None) -> Any:
         keyholders=members,
         metrics=Metrics(enabled=True, port=agg.metrics_port),
         crash=CrashHook(),
+        commit_batch=agg.commit_batch,
+        commit_max_ms=agg.commit_max_ms,
     )
+
+
+def commit_settings(agg: Mapping[str, Any]) -> tuple[int, float]:
+    """``(commit_batch, commit_max_ms)`` of an ``[aggregator]`` table, checked.
+
+    Raises:
+        ConfigError: not a positive count / a non-negative number of milliseconds.
+    """
+    from aggregator.service import DEFAULT_COMMIT_BATCH, DEFAULT_COMMIT_MAX_MS
+
+    batch = agg.get("commit_batch", DEFAULT_COMMIT_BATCH)
+    max_ms = agg.get("commit_max_ms", DEFAULT_COMMIT_MAX_MS)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ConfigError(f"[aggregator] commit_batch must be an integer >= 1, got {batch!r}")
+    if isinstance(max_ms, bool) or not isinstance(max_ms, (int, float)) or not 0 <= max_ms <= 1000:
+        raise ConfigError(
+            f"[aggregator] commit_max_ms must be a number of milliseconds in [0, 1000], "
+            f"got {max_ms!r}"
+        )
+    return batch, float(max_ms)
 
 
 def make_transport(settings: Mapping[str, Any], *, default_client_id: str) -> Any:

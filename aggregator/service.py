@@ -7,6 +7,16 @@ Durability contract (see docs/operations.md):
   acknowledged to the broker only after every action it caused ran, so the
   accepted row and the running sum are committed before the PUBACK; a
   crash before that makes the broker redeliver it;
+* group commit (``commit_batch`` > 1): accepted updates are committed in
+  batches, one transaction (one fsync) each, bounded by ``commit_batch``
+  updates and ``commit_max_ms`` milliseconds, and flushed whenever the
+  inbound queue runs dry, before any round transition and at shutdown.
+  While a batch is open every publication (receipts of any status,
+  announcements, models) and every broker acknowledgement waits, in order,
+  until the batch is durable: no device ever holds a receipt for an update
+  a crash could lose, and every message a crash could lose is still
+  unacknowledged at the broker (redelivered on restart). With
+  ``commit_batch = 1`` each update is its own transaction, as before;
 * a chunk that does not complete an update is acknowledged at once (it is
   only held in memory; devices resend until they get a receipt);
 * on every start and every reconnect the retained round announcement and
@@ -22,6 +32,15 @@ kills the process with SIGKILL the ``n``-th time it reaches ``point``. Points:
 ``accept_before_commit``, ``accept_after_commit``, ``close_before_commit``,
 ``close_after_commit``, ``result_before_commit``, ``result_after_commit``,
 ``fail_after_commit``, ``before_decrypt``, ``after_decrypt``, ``after_start``.
+``accept_before_commit`` / ``accept_after_commit`` count accepted UPDATES in
+both modes: with group commit the n-th visit is just before / after the
+transaction of the batch holding the n-th update (before any receipt of that
+batch). Points inside a batch (group commit only): ``accept_queued`` (an
+update joined the open batch: accepted in memory, nothing durable, nothing
+sent), ``batch_before_commit``, ``batch_after_commit`` (per batch) and
+``batch_receipt_sent`` (after each deferred receipt of a committed batch, so
+``:2`` dies with part of a batch's receipts sent and none of its messages
+acknowledged).
 """
 
 from __future__ import annotations
@@ -67,11 +86,22 @@ from edge_sdk.protocol import (
 from edge_sdk.protocol.limits import MAX_SHARE_BYTES
 from edge_sdk.transport import InboundMessage, Transport, TransportError
 
-__all__ = ["CRASH_ENV", "AggregatorService", "AlertLimiter", "CrashHook"]
+__all__ = [
+    "CRASH_ENV",
+    "DEFAULT_COMMIT_BATCH",
+    "DEFAULT_COMMIT_MAX_MS",
+    "AggregatorService",
+    "AlertLimiter",
+    "CrashHook",
+]
 
 log = logging.getLogger("edgefl.aggregator")
 
 CRASH_ENV = "EDGEFL_CRASH_AT"
+
+#: Group commit defaults (``[aggregator] commit_batch`` / ``commit_max_ms``).
+DEFAULT_COMMIT_BATCH = 64
+DEFAULT_COMMIT_MAX_MS = 5.0
 
 
 class CrashHook:
@@ -168,6 +198,11 @@ class AggregatorService:
         metrics: Prometheus metrics (no-op when prometheus-client is absent).
         clock_ms: wall clock in milliseconds (injected for tests).
         crash: crash hook (tests).
+        commit_batch: most accepted updates per transaction (1: one commit per
+            update, no deferral; the pre-group-commit behaviour).
+        commit_max_ms: an open batch is committed once its oldest update has
+            waited this long (it is also committed whenever the inbound
+            queue runs dry).
     """
 
     def __init__(
@@ -180,8 +215,14 @@ class AggregatorService:
         metrics: Metrics | None = None,
         clock_ms: Callable[[], int] | None = None,
         crash: CrashHook | None = None,
+        commit_batch: int = DEFAULT_COMMIT_BATCH,
+        commit_max_ms: float = DEFAULT_COMMIT_MAX_MS,
     ) -> None:
         """Create the service (no I/O until :meth:`start`)."""
+        if commit_batch < 1:
+            raise ValueError(f"commit_batch must be >= 1, got {commit_batch}")
+        if commit_max_ms < 0:
+            raise ValueError(f"commit_max_ms must be >= 0, got {commit_max_ms}")
         self.machine = machine
         self.store = store
         self.transport = transport
@@ -194,6 +235,16 @@ class AggregatorService:
         self._kh_reassembler = Reassembler(max_payload_size=MAX_SHARE_BYTES, max_pending=8)
         self.alerts = AlertLimiter()
         self._started = False
+        self.commit_batch = commit_batch
+        self.commit_max_s = commit_max_ms / 1000.0
+        # Group commit: accepted updates not yet durable, and what waits for
+        # them (publications and broker acks, in order).
+        self._batch: list[PersistAccepted] = []
+        self._batch_opened = 0.0
+        self._deferred: list[Action | InboundMessage] = []
+        # Transactions that committed accepted updates, and those updates.
+        self.accept_commits = 0
+        self.updates_committed = 0
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -235,8 +286,9 @@ class AggregatorService:
             self.machine.config = dataclasses.replace(config, max_message_size=limit)
 
     def close(self) -> None:
-        """Disconnect and close the store."""
+        """Commit the open batch (sending what waited for it), disconnect, close the store."""
         try:
+            self.flush_batch()
             self.transport.flush(timeout=5.0)
             self.transport.close()
         finally:
@@ -270,10 +322,16 @@ class AggregatorService:
         while item is not None:
             self._process(*item)
             done += 1
+            if self._batch and (
+                len(self._batch) >= self.commit_batch
+                or time.monotonic() - self._batch_opened >= self.commit_max_s
+            ):
+                self.flush_batch()
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 item = None
+        self.flush_batch()  # the queue ran dry: nothing more to group with
         self.feed(Tick(now_ms=self.clock_ms()))
         self.store.flush_rejections()
         return done
@@ -301,7 +359,10 @@ class AggregatorService:
             )
         elif kind == "keyholder":
             self._keyholder_message(message)
-        message.ack()
+        if self._batch:
+            self._deferred.append(message)  # acknowledged once the batch is durable
+        else:
+            message.ack()
 
     def _keyholder_message(self, message: InboundMessage) -> None:
         try:
@@ -332,11 +393,24 @@ class AggregatorService:
     def _execute(self, actions: list[Action]) -> None:
         for action in actions:
             if isinstance(action, PersistAccepted):
-                self.crash.hit("accept_before_commit")
-                self.store.persist_accepted(action)
-                self.crash.hit("accept_after_commit")
-                self.metrics.accepted(action.count)
+                if self.commit_batch == 1:
+                    self.crash.hit("accept_before_commit")
+                    self.store.persist_accepted(action)
+                    self.accept_commits += 1
+                    self.updates_committed += 1
+                    self.crash.hit("accept_after_commit")
+                    self.metrics.accepted(action.count)
+                    continue
+                if self._batch and self._batch[-1].round_id != action.round_id:
+                    self.flush_batch()
+                if not self._batch:
+                    self._batch_opened = time.monotonic()
+                self._batch.append(action)
+                self.crash.hit("accept_queued")
+            elif self._batch and isinstance(action, (Publish, SendReceipt)):
+                self._deferred.append(action)  # depends on the open batch being durable
             elif isinstance(action, Commit):
+                self.flush_batch()  # a transition is ordered after every accepted update
                 kind = _commit_kind(action)
                 self.crash.hit(f"{kind}_before_commit")
                 self.store.commit(action)
@@ -381,7 +455,36 @@ class AggregatorService:
                         self.alerts.window_ms // 1000,
                     )
             elif isinstance(action, RequestDecryption):
+                self.flush_batch()
                 self._request_decryption(action)
+
+    def flush_batch(self) -> None:
+        """Commit the open batch in one transaction, then send and ack what waited for it.
+
+        A no-op without an open batch. If the commit raises, the service must
+        exit (the machine is ahead of the store); nothing that waited was sent.
+        """
+        if not self._batch:
+            return
+        batch, self._batch = self._batch, []
+        deferred, self._deferred = self._deferred, []
+        for _ in batch:
+            self.crash.hit("accept_before_commit")
+        self.crash.hit("batch_before_commit")
+        self.store.persist_accepted_batch(batch)
+        self.crash.hit("batch_after_commit")
+        self.accept_commits += 1
+        self.updates_committed += len(batch)
+        for action in batch:
+            self.crash.hit("accept_after_commit")
+            self.metrics.accepted(action.count)
+        for item in deferred:
+            if isinstance(item, InboundMessage):
+                item.ack()
+            else:
+                self._execute([item])
+                if isinstance(item, SendReceipt):
+                    self.crash.hit("batch_receipt_sent")
 
     def _after_commit(self, action: Commit) -> None:
         for rec in action.records:

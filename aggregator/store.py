@@ -17,7 +17,9 @@ What is kept (schema version 1):
   ``edgefl status``; advisory, written in batches).
 
 Atomicity: an accepted row and the new running sum are written in ONE
-transaction (:meth:`AggregatorStore.persist_accepted`); a round transition
+transaction (:meth:`AggregatorStore.persist_accepted`), or a batch of
+consecutive accepted rows and the newest sum in one (group commit,
+:meth:`AggregatorStore.persist_accepted_batch`); a round transition
 (close, result, failure, next round, new model) is one transaction
 (:meth:`AggregatorStore.commit`). With ``synchronous=FULL`` a transaction
 that returned is on disk; a kill -9 at any point leaves either the state
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -189,34 +191,59 @@ class AggregatorStore:
             StoreError: the round is not collecting, or the device already has
                 an accepted row (the machine never asks for that).
         """
+        self.persist_accepted_batch((action,))
+
+    def persist_accepted_batch(self, actions: Sequence[PersistAccepted]) -> None:
+        """Insert several accepted rows and the newest running sum in ONE transaction.
+
+        Group commit: one fsync for the whole batch. The actions must be
+        consecutive acceptances of one round, in the order the machine
+        returned them (counts ``k+1, k+2, ...`` on a stored count ``k``);
+        the running sum stored is the last action's, which contains every
+        update of the batch. All or nothing: a kill -9 leaves the store
+        before or after the whole batch.
+
+        Raises:
+            StoreError: the round is not collecting, the counts are not
+                consecutive, or a device already has an accepted row.
+        """
+        if not actions:
+            return
+        first, last = actions[0], actions[-1]
         with self._tx():
             row = self._db.execute(
-                "SELECT phase, count FROM rounds WHERE round_id = ?", (action.round_id,)
+                "SELECT phase, count FROM rounds WHERE round_id = ?", (first.round_id,)
             ).fetchone()
-            if row is None or row[0] != "collecting" or row[1] + 1 != action.count:
+            if row is None or row[0] != "collecting" or row[1] + 1 != first.count:
                 raise StoreError(
-                    f"cannot accept into round {action.round_id}: stored {row!r}, "
-                    f"new count {action.count}"
+                    f"cannot accept into round {first.round_id}: stored {row!r}, "
+                    f"new count {first.count}"
                 )
-            try:
-                self._db.execute(
-                    "INSERT INTO accepted VALUES (?, ?, ?, ?, ?, ?)",
-                    (
-                        action.round_id,
-                        action.device_id,
-                        action.update_digest,
-                        action.proof,
-                        action.at_ms,
-                        action.count,
-                    ),
-                )
-            except sqlite3.IntegrityError:
-                raise StoreError(
-                    f"device {action.device_id} already accepted in round {action.round_id}"
-                ) from None
+            for i, action in enumerate(actions):
+                if action.round_id != first.round_id or action.count != first.count + i:
+                    raise StoreError(
+                        f"batch is not consecutive: round {action.round_id} count "
+                        f"{action.count} after round {first.round_id} count {first.count + i - 1}"
+                    )
+                try:
+                    self._db.execute(
+                        "INSERT INTO accepted VALUES (?, ?, ?, ?, ?, ?)",
+                        (
+                            action.round_id,
+                            action.device_id,
+                            action.update_digest,
+                            action.proof,
+                            action.at_ms,
+                            action.count,
+                        ),
+                    )
+                except sqlite3.IntegrityError:
+                    raise StoreError(
+                        f"device {action.device_id} already accepted in round {action.round_id}"
+                    ) from None
             self._db.execute(
                 "UPDATE rounds SET sum_blob = ?, count = ? WHERE round_id = ?",
-                (action.sum_blob, action.count, action.round_id),
+                (last.sum_blob, last.count, last.round_id),
             )
 
     def commit(self, action: Commit) -> None:

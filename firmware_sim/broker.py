@@ -344,7 +344,9 @@ def render_mutual_tls_config(
     lines += [
         f"max_queued_messages {max_queued_messages}",
         "max_queued_bytes 0",
-        "max_inflight_messages 20",
+        # >= the aggregator's commit_batch: it acknowledges a batch's messages
+        # only once the batch is durable (docs/scale.md, group commit)
+        "max_inflight_messages 100",
         f"max_packet_size {max_packet_size}",
         "persistent_client_expiration 7d",
         "",

@@ -96,3 +96,14 @@ def test_every_keyholder_table_refuses_unknown_keys_and_bad_values(
     path.write_text(text.replace(old, new, 1))
     with pytest.raises(ConfigError, match=message):
         load_keyholder_config(path)
+
+
+def test_the_table_defaults_are_the_services() -> None:
+    from aggregator.config import AggregatorTable
+    from aggregator.service import DEFAULT_COMMIT_BATCH, DEFAULT_COMMIT_MAX_MS
+
+    table = AggregatorTable(federation="f", dimension=1, min_clients=1)
+    assert (table.commit_batch, table.commit_max_ms) == (
+        DEFAULT_COMMIT_BATCH,
+        DEFAULT_COMMIT_MAX_MS,
+    )
