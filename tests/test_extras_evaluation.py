@@ -224,8 +224,7 @@ def test_the_composed_cost_equals_an_independent_zcdp_computation() -> None:
     slots = (*_eval_slots(Fraction(64)), clip_slot(Fraction(3, 2)))
     rho = 4.0 * noise.norm_bound_sq / (2.0 * float(noise.sigma2))
     rho += sum(
-        ((2 if e.signed else 1) * e.bound) ** 2 / (2.0 * e.sigma2_num / e.sigma2_den)
-        for e in slots
+        ((2 if e.signed else 1) * e.bound) ** 2 / (2.0 * e.sigma2_num / e.sigma2_den) for e in slots
     )
     rounds = 7
     expected = epsilon_from_rdp(rounds * rho * ALPHAS, noise.delta)
