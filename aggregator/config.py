@@ -6,6 +6,7 @@ typo is not silently ignored. See :data:`EXAMPLE` (``edgefl aggregator init``).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -121,7 +122,11 @@ _AGG_KEYS = {
     "privacy",
     "keyholder_retry_s",
     "policy",
+    "evaluation",
+    "adaptive_clip",
 }
+_EVALUATION_KEYS = {"every", "max_examples", "max_loss", "loss_scale", "noise_multiplier"}
+_ADAPTIVE_KEYS = {"target_quantile", "lr", "initial_clip", "min_clip", "max_clip", "bit_noise"}
 _COMMITTEE_KEYS = {"manifest", "mode", "members", "passphrase_file", "allow_unencrypted_key"}
 COMMITTEE_MODES = ("remote", "inprocess-insecure-dev")
 
@@ -268,6 +273,44 @@ def _train_table(agg: Mapping[str, Any]) -> dict[str, Any]:
     return train
 
 
+def _learning_tables(agg: Mapping[str, Any], fed_policy: Any) -> tuple[Any, Any]:
+    """``[aggregator.evaluation]`` and ``[aggregator.adaptive_clip]``, checked (or None).
+
+    The adaptive clip range defaults to the signed policy's ``[min_clip,
+    max_clip]``; a range outside it is refused here, as every device and
+    member would refuse its rounds.
+    """
+    from aggregator.planning import AdaptiveClipPlan, EvaluationPlan
+
+    evaluation = adaptive = None
+    try:
+        if "evaluation" in agg:
+            table = _check(agg["evaluation"], _EVALUATION_KEYS, "aggregator.evaluation")
+            evaluation = EvaluationPlan(**table)
+        if "adaptive_clip" in agg:
+            table = _check(agg["adaptive_clip"], _ADAPTIVE_KEYS, "aggregator.adaptive_clip")
+            if fed_policy is not None:
+                if not fed_policy.adaptive_clip:
+                    raise ConfigError(
+                        "[aggregator.adaptive_clip]: the federation policy does not allow "
+                        "adaptive clipping (a new policy needs adaptive_clip = true)"
+                    )
+                table.setdefault("max_clip", fed_policy.max_clip)
+                if fed_policy.min_clip is not None:
+                    table.setdefault("min_clip", fed_policy.min_clip)
+                if table["max_clip"] > fed_policy.max_clip or table.get("min_clip", 0.0) < (
+                    fed_policy.min_clip or 0.0
+                ):
+                    raise ConfigError(
+                        "[aggregator.adaptive_clip]: the clip range is outside the policy's "
+                        f"[{fed_policy.min_clip}, {fed_policy.max_clip}]"
+                    )
+            adaptive = AdaptiveClipPlan(**table)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"[aggregator] learning settings: {exc}") from None
+    return evaluation, adaptive
+
+
 def build_aggregator(cfg: ServiceConfig, *, transport: Any = None) -> Any:
     """Build the :class:`~aggregator.service.AggregatorService` of this config."""
     import numpy as np
@@ -324,14 +367,20 @@ def build_aggregator(cfg: ServiceConfig, *, transport: Any = None) -> Any:
             clip=float(agg.get("clip", fed_policy.max_clip)),
             min_clients=fed_policy.min_clients if fed_policy.mode == "distributed" else 1,
         )
+    evaluation, adaptive = _learning_tables(agg, fed_policy)
+    first_clip = float(agg.get("clip", 1.0)) if adaptive is None else adaptive.initial_clip
+    if policy is not None and adaptive is not None:
+        policy = dataclasses.replace(policy, clip=first_clip)
     plan = plan_rounds(
         public_key,
         dimension=dimension,
         max_contributors=max_contributors,
         min_clients=min_clients,
-        clip=float(agg.get("clip", 1.0)),
+        clip=first_clip,
         value_bits=int(agg.get("value_bits", 16)),
         policy=policy,
+        evaluation=evaluation,
+        adaptive=adaptive,
     )
     optimizer_settings = dict(agg.get("optimizer", {}))
     fixed = int(agg.get("fixed_denominator", 0)) or None
@@ -356,7 +405,11 @@ def build_aggregator(cfg: ServiceConfig, *, transport: Any = None) -> Any:
         weights = np.zeros(dimension, dtype=np.float32)
     if fed_policy is not None:
         try:
-            fed_policy.check_noise(plan.noise, value_bits=plan.packing.value_bits)
+            fed_policy.check_noise(
+                plan.noise,
+                value_bits=plan.packing.value_bits,
+                extras=plan.packing_for(plan.evaluation.every if plan.evaluation else 1).extras,
+            )
         except RemoteProtocolError as exc:
             raise ConfigError(f"[aggregator] settings: {exc}") from None
     if manifest.key_fingerprint != public_key.fingerprint:

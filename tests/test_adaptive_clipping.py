@@ -23,12 +23,14 @@ from aggregator.keyholder_config import PolicyTerms
 from aggregator.optimizers import FedAvg
 from aggregator.planning import AdaptiveClipPlan, RoundPlan, build_announcement, plan_rounds
 from aggregator.rounds import (
+    Commit,
     KeyholderAnswered,
     MessageReceived,
     RequestDecryption,
     RoundConfig,
     RoundMachine,
     Start,
+    round_metrics,
 )
 from edge_sdk.crypto import generate_keypair
 from edge_sdk.errors import RemoteProtocolError
@@ -292,8 +294,12 @@ def test_the_machine_moves_the_clip_from_the_released_bits_and_devices_accept_it
         binding=policy.djn_base,
     )
 
+    done: list[Any] = []
+
     def feed(event: Any) -> None:
         for action in machine.handle(event):
+            if isinstance(action, Commit):
+                done.extend(r for r in action.records if r.phase == "done")
             if isinstance(action, RequestDecryption):
                 for result in exchange(members, action.request):
                     feed(KeyholderAnswered(result=result, now_ms=5_000))
@@ -329,6 +335,9 @@ def test_the_machine_moves_the_clip_from_the_released_bits_and_devices_accept_it
     for before, fraction, after in zip(clips, fractions, clips[1:], strict=False):
         assert after == ADAPTIVE.next_clip(before, fraction) and after != before
     assert all(TERMS.min_clip <= c <= TERMS.max_clip for c in clips)  # type: ignore[operator]
+    # what `edgefl status` shows is decoded from the stored record alone
+    stored = [round_metrics(r) for r in done]
+    assert [m.clip_fraction for m in stored if m is not None] == fractions
 
 
 # -- the utility setting ----------------------------------------------------------------
