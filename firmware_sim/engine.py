@@ -173,7 +173,7 @@ class SimConfig:
     eval_max_examples: int = 16
     #: dp_adaptive: target quantile, geometric step, first clip, bit noise
     #: (standard deviation of the released count in bits; None: expected
-    #: contributors / 10).
+    #: contributors / 10, raised until the bit costs at most ~5% of the budget).
     adaptive_quantile: float = 0.5
     adaptive_lr: float = 0.2
     adaptive_initial_clip: float = 0.1
@@ -335,6 +335,20 @@ def fleet_plan(
     )
 
 
+def _default_bit_noise(config: SimConfig) -> float:
+    """sigma_b for ``dp_adaptive``: expected contributors / 10, raised so the bit costs little.
+
+    The bit's releases are ``rounds / (8 sigma_b^2)``-zCDP; sigma_b is raised
+    until that is at most 1/20 of the zCDP budget ``rho`` of the target
+    epsilon (``epsilon = rho + 2 sqrt(rho ln(1/delta))``), so adaptive
+    clipping takes at most about 5% of the budget from the model noise.
+    """
+    log_term = math.sqrt(math.log(1.0 / config.delta))
+    rho = (math.sqrt(log_term**2 + config.epsilon) - log_term) ** 2
+    floor = math.sqrt(20.0 * config.rounds / (8.0 * rho))
+    return max(config.expected_clients / 10.0, floor)
+
+
 def build_model(config: SimConfig, data: Dataset) -> Model:
     """The model named by ``config`` for ``data``."""
     if config.model == "softmax":
@@ -442,7 +456,7 @@ class _Simulation:
                 target_quantile=config.adaptive_quantile,
                 lr=config.adaptive_lr,
                 initial_clip=config.adaptive_initial_clip,
-                bit_noise=config.adaptive_bit_noise or max(config.expected_clients / 10, 0.5),
+                bit_noise=config.adaptive_bit_noise or _default_bit_noise(config),
             )
         self.plan = fleet_plan(
             keys.public_key,

@@ -319,3 +319,50 @@ def test_evaluation_every_k_rounds_changes_only_those_rounds_layout() -> None:
         True,
     ]
     assert plan.max_ciphertexts >= plan.num_ciphertexts
+
+
+def test_at_a_fixed_target_the_extras_raise_the_model_noise_as_docs_privacy_states() -> None:
+    # docs/privacy.md "What they cost": 50 devices, 650 parameters, clip 0.3, eps 8, 5 rounds
+    from aggregator.planning import AdaptiveClipPlan
+
+    policy = DPPolicy(
+        mode="distributed", epsilon=8.0, delta=1e-5, rounds=5, clip=0.3, min_clients=50
+    )
+
+    def multiplier(**kw: object) -> float:
+        plan = plan_rounds(
+            _PK, dimension=650, max_contributors=50, min_clients=50, clip=0.3, policy=policy, **kw
+        )  # type: ignore[arg-type]
+        assert plan.noise is not None
+        return math.sqrt(50) * plan.noise.sigma / plan.noise.norm_bound
+
+    base = multiplier()
+    with_eval = multiplier(evaluation=EvaluationPlan(every=1))
+    with_bit = multiplier(adaptive=AdaptiveClipPlan(initial_clip=0.3, bit_noise=5.0))
+    assert round(base, 3) == 1.426
+    assert round(with_eval, 3) == 1.640
+    assert round(with_bit, 3) == 1.441
+
+
+def test_learning_tables_refuse_unknown_keys_and_a_clip_range_outside_the_policy() -> None:
+    from aggregator.config import _learning_tables
+    from edge_sdk.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown"):
+        _learning_tables({"evaluation": {"evry": 2}}, None)
+
+    class _Policy:
+        adaptive_clip = True
+        max_clip = 1.0
+        min_clip = 0.05
+
+    evaluation, adaptive = _learning_tables(
+        {"evaluation": {"every": 3}, "adaptive_clip": {"initial_clip": 0.1}}, _Policy()
+    )
+    assert evaluation is not None and evaluation.every == 3
+    assert adaptive is not None and (adaptive.min_clip, adaptive.max_clip) == (0.05, 1.0)
+    with pytest.raises(ConfigError, match="outside the policy"):
+        _learning_tables({"adaptive_clip": {"max_clip": 5.0, "initial_clip": 0.1}}, _Policy())
+    _Policy.adaptive_clip = False
+    with pytest.raises(ConfigError, match="does not allow"):
+        _learning_tables({"adaptive_clip": {}}, _Policy())
