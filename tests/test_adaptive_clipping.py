@@ -29,6 +29,7 @@ from aggregator.rounds import (
     RequestDecryption,
     RoundConfig,
     RoundMachine,
+    Snapshot,
     Start,
     round_metrics,
 )
@@ -295,11 +296,13 @@ def test_the_machine_moves_the_clip_from_the_released_bits_and_devices_accept_it
     )
 
     done: list[Any] = []
+    opened: list[Any] = []
 
     def feed(event: Any) -> None:
         for action in machine.handle(event):
             if isinstance(action, Commit):
                 done.extend(r for r in action.records if r.phase == "done")
+                opened.extend(r for r in action.records if r.phase == "collecting")
             if isinstance(action, RequestDecryption):
                 for result in exchange(members, action.request):
                     feed(KeyholderAnswered(result=result, now_ms=5_000))
@@ -338,6 +341,29 @@ def test_the_machine_moves_the_clip_from_the_released_bits_and_devices_accept_it
     # what `edgefl status` shows is decoded from the stored record alone
     stored = [round_metrics(r) for r in done]
     assert [m.clip_fraction for m in stored if m is not None] == fractions
+    # a restarted aggregator resumes the moved clip from its stored announcement
+    assert opened and machine.model is not None
+    restarted = RoundMachine(
+        RoundConfig(federation=FED, min_clients=QUORUM, target_clients=4, round_duration_ms=60_000),
+        _plan(pk, ADAPTIVE.initial_clip),
+        registry,
+        FedAvg(),
+        committee=committee.verifier(),
+        binding=policy.djn_base,
+    )
+    restarted.restore(
+        Snapshot(
+            current=opened[-1],
+            sum_blob=b"",
+            count=0,
+            accepted=(),
+            model=machine.model,
+            optimizer_state=machine.optimizer.state_bytes(),
+        )
+    )
+    restarted.handle(Start(now_ms=9_000))
+    assert restarted.clip == machine.clip
+    assert restarted.announcement == machine.announcement
 
 
 # -- the utility setting ----------------------------------------------------------------
