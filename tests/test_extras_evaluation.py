@@ -366,3 +366,24 @@ def test_learning_tables_refuse_unknown_keys_and_a_clip_range_outside_the_policy
     _Policy.adaptive_clip = False
     with pytest.raises(ConfigError, match="does not allow"):
         _learning_tables({"adaptive_clip": {}}, _Policy())
+
+
+def test_the_version_2_bytes_follow_docs_packing_md() -> None:
+    """An independent encoder written from the table in docs/packing.md "Extra slots"."""
+    import struct
+
+    slots = (*_eval_slots(Fraction(9, 4)), clip_slot(Fraction(5, 2)))
+    spec = _spec().with_extras(slots)
+    head = bytearray(_spec().to_bytes())
+    head[4] = 2
+    tail = bytes([len(slots)])
+    for e in slots:
+        name = e.name.encode("ascii")
+        tail += bytes([len(name)]) + name + bytes([1 if e.signed else 0])
+        tail += e.bound.to_bytes(8, "big") + struct.pack(">d", e.scale)
+        tail += e.sigma2_num.to_bytes(8, "big") + e.sigma2_den.to_bytes(4, "big")
+    assert spec.to_bytes() == bytes(head) + tail
+    flagged = bytearray(spec.to_bytes())
+    flagged[63 + 1 + 1 + len(slots[0].name)] = 2  # an unknown flag bit
+    with pytest.raises(DecodeError, match="flags"):
+        PackingSpec.from_bytes(bytes(flagged))
