@@ -122,8 +122,8 @@ def _announce(plan: RoundPlan) -> Any:
     ("gamma", "devices", "rounds"),
     [
         (0.5, 60, 150),
-        pytest.param(0.3, 200, 300, marks=pytest.mark.slow),
-        pytest.param(0.8, 200, 300, marks=pytest.mark.slow),
+        pytest.param(0.3, 200, 300, marks=(pytest.mark.slow, pytest.mark.timeout(1800))),
+        pytest.param(0.8, 200, 300, marks=(pytest.mark.slow, pytest.mark.timeout(1800))),
     ],
 )
 def test_the_clip_converges_to_the_target_quantile_of_log_normal_norms(
