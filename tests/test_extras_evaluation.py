@@ -342,6 +342,41 @@ def test_at_a_fixed_target_the_extras_raise_the_model_noise_as_docs_privacy_stat
     assert round(base, 3) == 1.426
     assert round(with_eval, 3) == 1.640
     assert round(with_bit, 3) == 1.441
+    # what the extras alone would spend over the 5 rounds
+    from edge_sdk.privacy import compose_costs, extra_slot_cost
+
+    plan = plan_rounds(
+        _PK,
+        dimension=650,
+        max_contributors=50,
+        min_clients=50,
+        clip=0.3,
+        policy=policy,
+        evaluation=EvaluationPlan(every=1),
+        adaptive=AdaptiveClipPlan(initial_clip=0.3, bit_noise=5.0),
+    )
+    assert plan.noise is not None and plan.eval_packing is not None
+    alone = {
+        e.name: compose_epsilon([(extra_slot_cost(e, plan.noise), 5)], 1e-5)
+        for e in plan.eval_packing.extras
+    }
+    evaluation = compose_epsilon(
+        [
+            (
+                compose_costs(
+                    [
+                        extra_slot_cost(e, plan.noise)
+                        for e in plan.eval_packing.extras
+                        if e.name != CLIP_BELOW
+                    ]
+                ),
+                5,
+            )
+        ],
+        1e-5,
+    )
+    assert round(evaluation, 2) == 3.53
+    assert round(alone[CLIP_BELOW], 2) == 0.90
 
 
 def test_learning_tables_refuse_unknown_keys_and_a_clip_range_outside_the_policy() -> None:
@@ -387,3 +422,22 @@ def test_the_version_2_bytes_follow_docs_packing_md() -> None:
     flagged[63 + 1 + 1 + len(slots[0].name)] = 2  # an unknown flag bit
     with pytest.raises(DecodeError, match="flags"):
         PackingSpec.from_bytes(bytes(flagged))
+
+
+def test_evaluation_every_round_does_not_fit_epsilon_1_over_8_rounds() -> None:
+    # docs/privacy.md: at epsilon 1 over 8 rounds, evaluation at z = 5 alone spends 4.6
+    from edge_sdk.privacy import CalibrationError
+
+    policy = DPPolicy(
+        mode="distributed", epsilon=1.0, delta=1e-5, rounds=8, clip=0.5, min_clients=1000
+    )
+    with pytest.raises(CalibrationError, match=r"alone spend epsilon 4\.6"):
+        plan_rounds(
+            _PK,
+            dimension=50,
+            max_contributors=1000,
+            min_clients=1000,
+            clip=0.5,
+            policy=policy,
+            evaluation=EvaluationPlan(every=1),
+        )
