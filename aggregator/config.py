@@ -6,6 +6,7 @@ typo is not silently ignored. See :data:`EXAMPLE` (``edgefl aggregator init``).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -107,6 +108,8 @@ session_expiry_s = 86400
 manual_ack = true
 """
 
+_EVALUATION_KEYS = {"every", "max_examples", "max_loss", "loss_scale", "noise_multiplier"}
+_ADAPTIVE_KEYS = {"target_quantile", "lr", "initial_clip", "min_clip", "max_clip", "bit_noise"}
 COMMITTEE_MODES = ("remote", "inprocess-insecure-dev")
 
 
@@ -143,6 +146,8 @@ class AggregatorTable:
     commit_batch: int = 64
     commit_max_ms: float = 5.0
     optimizer: dict[str, Any] = field(default_factory=dict)
+    evaluation: dict[str, Any] | None = None
+    adaptive_clip: dict[str, Any] | None = None
     train: dict[str, Any] = field(default_factory=dict)
     privacy: dict[str, Any] | None = None
 
@@ -275,6 +280,7 @@ def load_config(path: str | Path) -> ServiceConfig:
         make_optimizer(agg.optimizer)
         _train_table(agg)
         _privacy_table(agg)
+        _learning_tables(agg, None)  # the policy's clip range is checked when built
     except ConfigError as exc:
         raise ConfigError(f"{p}: {exc}") from None
     broker = broker_settings(doc.get("broker", {}), default_client_id="aggregator")
@@ -365,6 +371,52 @@ def _privacy_table(agg: AggregatorTable) -> Any:
         raise ConfigError(f"[aggregator.privacy]: {exc}") from None
 
 
+def _check(table: Mapping[str, Any], known: set[str], name: str) -> dict[str, Any]:
+    """A sub-table whose keys are checked here (its values by its owner's dataclass)."""
+    unknown = set(table) - known
+    if unknown:
+        raise ConfigError(f"unknown [{name}] settings: {', '.join(sorted(unknown))}")
+    return dict(table)
+
+
+def _learning_tables(agg: AggregatorTable, fed_policy: Any) -> tuple[Any, Any]:
+    """``[aggregator.evaluation]`` and ``[aggregator.adaptive_clip]``, checked (or None).
+
+    The adaptive clip range defaults to the signed policy's ``[min_clip,
+    max_clip]``; a range outside it is refused here, as every device and
+    member would refuse its rounds.
+    """
+    from aggregator.planning import AdaptiveClipPlan, EvaluationPlan
+
+    evaluation = adaptive = None
+    try:
+        if agg.evaluation is not None:
+            table = _check(agg.evaluation, _EVALUATION_KEYS, "aggregator.evaluation")
+            evaluation = EvaluationPlan(**table)
+        if agg.adaptive_clip is not None:
+            table = _check(agg.adaptive_clip, _ADAPTIVE_KEYS, "aggregator.adaptive_clip")
+            if fed_policy is not None:
+                if not fed_policy.adaptive_clip:
+                    raise ConfigError(
+                        "[aggregator.adaptive_clip]: the federation policy does not allow "
+                        "adaptive clipping (a new policy needs adaptive_clip = true)"
+                    )
+                table.setdefault("max_clip", fed_policy.max_clip)
+                if fed_policy.min_clip is not None:
+                    table.setdefault("min_clip", fed_policy.min_clip)
+                if table["max_clip"] > fed_policy.max_clip or table.get("min_clip", 0.0) < (
+                    fed_policy.min_clip or 0.0
+                ):
+                    raise ConfigError(
+                        "[aggregator.adaptive_clip]: the clip range is outside the policy's "
+                        f"[{fed_policy.min_clip}, {fed_policy.max_clip}]"
+                    )
+            adaptive = AdaptiveClipPlan(**table)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"[aggregator] learning settings: {exc}") from None
+    return evaluation, adaptive
+
+
 def build_aggregator(cfg: ServiceConfig, *, transport: Any = None) -> Any:
     """Build the :class:`~aggregator.service.AggregatorService` of this config."""
     import numpy as np
@@ -418,14 +470,21 @@ def build_aggregator(cfg: ServiceConfig, *, transport: Any = None) -> Any:
             clip=agg.clip if agg.clip is not None else fed_policy.max_clip,
             min_clients=fed_policy.min_clients if fed_policy.mode == "distributed" else 1,
         )
+    evaluation, adaptive = _learning_tables(agg, fed_policy)
+    fixed_clip = agg.clip if agg.clip is not None else 1.0
+    first_clip = fixed_clip if adaptive is None else adaptive.initial_clip
+    if policy is not None and adaptive is not None:
+        policy = dataclasses.replace(policy, clip=first_clip)
     plan = plan_rounds(
         public_key,
         dimension=dimension,
         max_contributors=max_contributors,
         min_clients=min_clients,
-        clip=agg.clip if agg.clip is not None else 1.0,
+        clip=first_clip,
         value_bits=agg.value_bits,
         policy=policy,
+        evaluation=evaluation,
+        adaptive=adaptive,
     )
     fixed = agg.fixed_denominator or None
     try:
@@ -448,7 +507,11 @@ def build_aggregator(cfg: ServiceConfig, *, transport: Any = None) -> Any:
         weights = np.zeros(dimension, dtype=np.float32)
     if fed_policy is not None:
         try:
-            fed_policy.check_noise(plan.noise, value_bits=plan.packing.value_bits)
+            fed_policy.check_noise(
+                plan.noise,
+                value_bits=plan.packing.value_bits,
+                extras=plan.packing_for(plan.evaluation.every if plan.evaluation else 1).extras,
+            )
         except RemoteProtocolError as exc:
             raise ConfigError(f"[aggregator] settings: {exc}") from None
     if manifest.key_fingerprint != public_key.fingerprint:

@@ -57,6 +57,7 @@ from edge_sdk.errors import (
     InvalidSignatureError,
     RemoteProtocolError,
 )
+from edge_sdk.extras import check_slots
 from edge_sdk.identity import DeviceIdentity, DeviceRegistry, verify_signature
 from edge_sdk.pipeline import noise_digest, verify_update_binding
 from edge_sdk.policy import FederationPolicy
@@ -480,9 +481,13 @@ class KeyHolder:
             # The noise each device added was sized for sums of noise.min_clients;
             # a smaller sum would carry less noise than every ledger charged for.
             quorum = max(quorum, noise.min_clients)
+        try:
+            check_slots(spec.extras, noise)
+        except ValueError:
+            raise Refusal("bad_extra_slots") from None
         if self.policy is not None:
             try:
-                self.policy.check_noise(noise, value_bits=spec.value_bits)
+                self.policy.check_noise(noise, value_bits=spec.value_bits, extras=spec.extras)
             except RemoteProtocolError:
                 raise Refusal("outside_policy") from None
             quorum = max(quorum, self.policy.quorum(noise))
@@ -508,6 +513,8 @@ class KeyHolder:
             if proof.privacy_digest != privacy_digest:
                 raise Refusal("noise_mismatch")
             if proof.num_params != proofs[0].num_params:
+                raise Refusal("proof_mismatch")
+            if noise is not None and proof.num_params != noise.dimension + len(spec.extras):
                 raise Refusal("proof_mismatch")
             if proof.num_ciphertexts != spec.num_plaintexts(proof.num_params):
                 raise Refusal("proof_mismatch")

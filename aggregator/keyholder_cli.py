@@ -97,6 +97,14 @@ def register_ceremony(sub: Any) -> None:
     pol.add_argument("--rounds", type=int, default=100, help="rounds horizon (100)")
     pol.add_argument("--max-clip", type=float, default=1.0, help="largest L2 clip (1.0)")
     pol.add_argument(
+        "--min-clip", type=float, default=None, help="smallest L2 clip (default: no floor)"
+    )
+    pol.add_argument(
+        "--adaptive-clip",
+        action="store_true",
+        help="allow adaptive clipping between --min-clip and --max-clip",
+    )
+    pol.add_argument(
         "--no-binding",
         action="store_true",
         help="publish no DJN base: updates carry no proof of plaintext knowledge "
@@ -167,6 +175,8 @@ def _cmd_ceremony(args: argparse.Namespace) -> int:
             rounds=args.rounds,
             max_clip=args.max_clip,
             binding=not args.no_binding,
+            min_clip=args.min_clip,
+            adaptive_clip=args.adaptive_clip,
         ),
         overwrite=args.force,
     )

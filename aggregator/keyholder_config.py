@@ -226,6 +226,9 @@ class PolicyTerms:
         rounds: the rounds horizon.
         max_clip: largest L2 clip a round may announce.
         binding: publish a DJN base so updates carry binding proofs.
+        min_clip: smallest L2 clip a round may announce (None: no floor).
+        adaptive_clip: allow adaptive clipping (devices send their
+            clipped-or-not bit, docs/privacy.md "Adaptive clipping").
     """
 
     mode: str = "distributed"
@@ -235,6 +238,8 @@ class PolicyTerms:
     rounds: int = 100
     max_clip: float = 1.0
     binding: bool = True
+    min_clip: float | None = None
+    adaptive_clip: bool = False
 
 
 def run_ceremony(
@@ -327,6 +332,8 @@ def run_ceremony(
         delta=terms.delta,
         rounds=terms.rounds,
         max_clip=terms.max_clip,
+        min_clip=terms.min_clip,
+        adaptive_clip=terms.adaptive_clip,
         djn_base=DJNBase.generate(result.public_key) if terms.binding else None,
     )
     for ident in identities:  # the dealer holds every member's new key right now

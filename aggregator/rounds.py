@@ -50,7 +50,13 @@ from aggregator.committee import CommitteeVerifier, InvalidShareError
 from aggregator.intake import UpdateIntake
 from aggregator.optimizers import ServerOptimizer, mean_delta
 from aggregator.planning import RoundPlan, build_announcement
-from edge_sdk.crypto import CiphertextAccumulator, CiphertextVector, DJNBase, unpack_sum
+from edge_sdk.crypto import (
+    CiphertextAccumulator,
+    CiphertextVector,
+    DJNBase,
+    PackingSpec,
+    unpack_sum,
+)
 from edge_sdk.errors import (
     CryptoError,
     DecodeError,
@@ -58,8 +64,10 @@ from edge_sdk.errors import (
     InvalidSignatureError,
     SlotOverflowError,
 )
+from edge_sdk.extras import FederatedMetrics, federated_metrics
 from edge_sdk.identity import DeviceIdentity, DeviceRegistry, SignedMessage, sign_message
-from edge_sdk.pipeline import verify_update_binding
+from edge_sdk.pipeline import noise_digest, verify_update_binding
+from edge_sdk.privacy import NoiseSpec
 from edge_sdk.protocol import (
     ContributorProof,
     EncryptedUpdate,
@@ -92,6 +100,7 @@ __all__ = [
     "Snapshot",
     "Start",
     "Tick",
+    "round_metrics",
     "round_outcome",
 ]
 
@@ -382,9 +391,11 @@ class RoundMachine:
         self.topics = Topics(config.federation)
         self.public_key = plan.public_key
         self._fingerprint = bytes.fromhex(plan.public_key.fingerprint)
-        self._packing_digest = plan.packing.digest()
-        self._privacy_digest = plan.privacy_digest
-        self._num_ct = plan.num_ciphertexts
+        # Adaptive clipping: the clip of the current round and the plans
+        # (scale, packing, recalibrated noise) made for each clip so far.
+        self._clip = plan.clip if plan.adaptive is None else plan.adaptive.initial_clip
+        self._plans: dict[float, RoundPlan] = {plan.clip: plan}
+        self._set_layout(plan.packing, plan.privacy_digest)
         self._initial = (
             None
             if initial_weights is None
@@ -398,13 +409,15 @@ class RoundMachine:
         # signed header: refuse a chunk declaring more before buffering any of it,
         # so a device cannot make the aggregator hold up to max_update_bytes per
         # pending payload (the Reassembler keeps up to 1,024 of them).
-        expected = self._num_ct * plan.public_key.ciphertext_bytes + UPDATE_HEADER_BOUND
+        expected = plan.max_ciphertexts * plan.public_key.ciphertext_bytes + UPDATE_HEADER_BOUND
         self.intake = UpdateIntake(
             config.federation, max_update_bytes=min(config.max_update_bytes, expected)
         )
         self.stats: Counter[str] = Counter()
         self.rejections: Counter[str] = Counter()
         self.finished = False
+        #: Figures from the last round's decrypted extra slots (federated evaluation).
+        self.last_metrics: FederatedMetrics | None = None
         self._snapshot: Snapshot | None = None
         self._record: RoundRecord | None = None
         self._announcement: RoundAnnouncement | None = None
@@ -416,6 +429,28 @@ class RoundMachine:
         self._previous_request_id: str | None = None
         self._last_request_ms = 0
         self._reset_shares()
+
+    def _plan_for(self, clip: float) -> RoundPlan:
+        plan = self._plans.get(clip)
+        if plan is None:
+            plan = self.plan.for_clip(clip)
+            if len(self._plans) > 64:
+                self._plans.clear()
+            self._plans[clip] = plan
+        return plan
+
+    @property
+    def clip(self) -> float:
+        """The L2 clip the current round announces (it moves under adaptive clipping)."""
+        return self._clip
+
+    def _set_layout(self, packing: PackingSpec, privacy_digest: bytes) -> None:
+        """The current round's packing (model slots, then its extra slots) and noise."""
+        self._privacy_digest = privacy_digest
+        self._packing = packing
+        self._packing_digest = packing.digest()
+        self._length = self.plan.length(packing)
+        self._num_ct = packing.num_plaintexts(self._length)
 
     # -- state accessors ---------------------------------------------------
 
@@ -464,6 +499,9 @@ class RoundMachine:
         rec = snapshot.current
         self._record = rec
         self._announcement = RoundAnnouncement.from_bytes(rec.announcement)
+        ann = self._announcement
+        self._set_layout(PackingSpec.from_bytes(ann.packing), noise_digest(ann.privacy))
+        self._clip = _announced_clip(ann, self.plan.clip)
         self._model = snapshot.model
         self.optimizer.load_state(snapshot.optimizer_state)
         if snapshot.count:
@@ -547,9 +585,10 @@ class RoundMachine:
 
     def _open(self, round_id: int, now: int) -> RoundRecord:
         assert self._model is not None
+        plan = self._plan_for(self._clip)
         ann = self._sign(
             build_announcement(
-                self.plan,
+                plan,
                 federation=self.config.federation,
                 round_id=round_id,
                 model=self._model,
@@ -564,6 +603,7 @@ class RoundMachine:
         )
         self._record = record
         self._announcement = ann
+        self._set_layout(plan.packing_for(round_id), plan.privacy_digest)
         self._acc = CiphertextAccumulator(self.public_key, self._num_ct)
         self._accepted = {}
         if self._request is not None:  # late shares for it are expected, not suspicious
@@ -686,7 +726,7 @@ class RoundMachine:
             return self._reject(device, r, "wrong_spec", "", update, now)
         if update.privacy_digest != self._privacy_digest:
             return self._reject(device, r, "wrong_privacy", "", update, now)
-        if update.num_params != self.plan.dimension or update.num_ciphertexts != self._num_ct:
+        if update.num_params != self._length or update.num_ciphertexts != self._num_ct:
             detail = f"{update.num_params} params / {update.num_ciphertexts} ciphertexts"
             return self._reject(device, r, "wrong_shape", detail, update, now)
         if self._acc.count >= self.plan.max_contributors:
@@ -732,9 +772,9 @@ class RoundMachine:
             federation=self.config.federation,
             round_id=self._record.round_id,
             request_id=f"r{self._record.round_id}-n{count}",
-            packing=self.plan.packing.to_bytes(),
+            packing=self._packing.to_bytes(),
             packing_digest=self._packing_digest,
-            privacy=self.plan.privacy_field,
+            privacy=self._announcement.privacy if self._announcement else b"",
             contributors=KeyholderRequest.pack_proofs(proofs),
             encrypted_sum=self._acc.value.to_bytes(),
             issued_ms=now,
@@ -874,9 +914,7 @@ class RoundMachine:
         round_id = self.round_id
         plaintexts = self.committee.combine(self._num_ct, list(self._shares.values()))
         try:
-            ints = unpack_sum(
-                plaintexts, self.plan.packing, count=count, length=self.plan.dimension
-            )
+            ints = unpack_sum(plaintexts, self._packing, count=count, length=self._length)
         except SlotOverflowError as exc:
             # A contributor encrypted values outside the honest range; the
             # round is discarded, never published.
@@ -891,9 +929,17 @@ class RoundMachine:
             del plaintexts
         assert self._model is not None and self._record is not None
         blob = _pack_results(self._share_results, np.ascontiguousarray(ints, "<i8").tobytes())
+        if self._packing.extras:
+            metrics = federated_metrics(ints[self.plan.dimension :], self._packing, count=count)
+            self.last_metrics = metrics
+            log.info("round %d federated metrics: %s", round_id, metrics.to_dict())
+            adaptive = self.plan.adaptive
+            if adaptive is not None and metrics.clip_fraction is not None:
+                # the next round's clip, from the noised fraction (post-processing)
+                self._clip = adaptive.next_clip(self._clip, metrics.clip_fraction)
         delta = mean_delta(
-            ints,
-            scale=self.plan.packing.scale,
+            ints[: self.plan.dimension],
+            scale=self._packing.scale,
             count=count,
             fixed_denominator=self.config.fixed_denominator,
         )
@@ -976,3 +1022,35 @@ def round_outcome(blob: bytes) -> tuple[list[KeyholderResult], npt.NDArray[np.in
     if not aggregate:
         return results, None
     return results, np.frombuffer(aggregate, dtype="<i8").copy()
+
+
+def _announced_clip(ann: RoundAnnouncement, default: float) -> float:
+    """The L2 clip a (restored) announcement carries: its noise spec's, or ``train``'s."""
+    if ann.privacy:
+        try:
+            noise = NoiseSpec.from_dict(msgpack.unpackb(ann.privacy, raw=False))
+        except (DecodeError, ValueError, msgpack.ExtraData):
+            return default
+        return noise.clip
+    clip = ann.train_config().get("clip")
+    return float(clip) if isinstance(clip, (int, float)) else default
+
+
+def round_metrics(record: RoundRecord) -> FederatedMetrics | None:
+    """The federated figures of a finished round (its extra slots), or None.
+
+    Decoded from what the record already keeps: the announcement's packing
+    spec (which extra slots, their scales) and the released sum, whose last
+    values are the extra slots' noised totals.
+    """
+    if record.phase != "done" or not record.result:
+        return None
+    packing = PackingSpec.from_bytes(RoundAnnouncement.from_bytes(record.announcement).packing)
+    if not packing.extras:
+        return None
+    aggregate = round_outcome(record.result)[1]
+    if aggregate is None or aggregate.size < len(packing.extras):
+        return None
+    return federated_metrics(
+        aggregate[aggregate.size - len(packing.extras) :], packing, count=record.count
+    )

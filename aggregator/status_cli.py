@@ -38,6 +38,16 @@ def _text(s: dict[str, Any]) -> str:
     if model:
         lines.append(f"model version {model['version']} (round {model['round_id']})")
     lines.append(f"rounds done {s['rounds_done']}, failed {len(s['rounds_failed'])}")
+    for fed in s.get("federated", [])[-5:]:
+        parts = []
+        if fed.get("accuracy") is not None:
+            parts.append(
+                f"federated accuracy {fed['accuracy']:.4f} loss {fed['loss']:.4g} "
+                f"on ~{fed['examples']:.0f} held-out examples"
+            )
+        if fed.get("clip_fraction") is not None:
+            parts.append(f"unclipped {fed['clip_fraction']:.2f}")
+        lines.append(f"  round {fed['round_id']}: " + ", ".join(parts) + " (DP-noised)")
     if s["rejections_total"]:
         lines.append(
             "rejections (all rounds): "

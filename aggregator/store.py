@@ -478,4 +478,15 @@ class AggregatorStore:
             version, round_id, digest = models[-1]
             out["model"] = {"version": version, "round_id": round_id, "digest": digest.hex()}
         out["rejections_total"] = self.rejection_counts()
+        # federated evaluation / adaptive clipping: the noised totals of each
+        # finished round's extra slots (nothing when no round carried any)
+        from aggregator.rounds import round_metrics
+
+        federated = []
+        for r in history:
+            metrics = round_metrics(r) if r.phase == "done" else None
+            if metrics is not None:
+                federated.append({"round_id": r.round_id, **metrics.to_dict()})
+        if federated:
+            out["federated"] = federated
         return out

@@ -460,8 +460,9 @@ def _store_costs(folder: Path) -> dict[str, Any]:
 
 def _intake_costs(folder: Path) -> dict[str, Any]:
     """The round machine's whole intake of one update in-process (no MQTT, no store)."""
-    from aggregator.rounds import MessageReceived
     from edgefl_benchmarks._round import build_round
+
+    from aggregator.rounds import MessageReceived
 
     devices = 200
     rnd = build_round(

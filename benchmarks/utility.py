@@ -24,3 +24,34 @@ def run(quick: bool) -> dict[str, Any]:
 
     plan = quick_plan() if quick else full_plan()
     return run_study(plan, progress=None if quick else _say)
+
+
+def extend(path: str, out: str) -> dict[str, Any]:
+    """Add the dp_adaptive rows and federated-evaluation runs to the published study at ``path``.
+
+    ``python -m benchmarks.utility --extend docs/results-utility.json --out FILE``: the
+    earlier stages' winners are read from the file (see
+    :func:`firmware_sim.study.extend_study`), the new settings tuned and
+    tested with the full plan's grids and seeds.
+    """
+    import json
+
+    from firmware_sim.study import extend_study, full_plan
+
+    with open(path, encoding="utf-8") as fh:
+        published = json.load(fh)
+    figures = extend_study(published, full_plan(), progress=_say)
+    with open(out, "w", encoding="utf-8") as fh:
+        json.dump(figures, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+    return figures
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=extend.__doc__)
+    parser.add_argument("--extend", required=True, help="the published study JSON")
+    parser.add_argument("--out", required=True, help="where to write the extended JSON")
+    args = parser.parse_args()
+    extend(args.extend, args.out)

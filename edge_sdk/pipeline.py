@@ -18,8 +18,11 @@ is accepted only with ``allow_insecure_rng=True`` (tests).
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 import msgpack
@@ -42,12 +45,22 @@ from edge_sdk.crypto import (
     quantize,
     verify_bound,
 )
+from edge_sdk.crypto.packing import ExtraSlot
 from edge_sdk.errors import DecodeError, LocalProtocolError, RemoteProtocolError
+from edge_sdk.extras import CLIP_BELOW, EVAL_SLOTS, check_slots
 from edge_sdk.identity import DeviceIdentity
 from edge_sdk.policy import FederationPolicy
-from edge_sdk.privacy import NoiseSpec, add_noise, clip_l2, within_norm_bound
+from edge_sdk.privacy import (
+    NoiseSpec,
+    PrivacyCost,
+    add_noise,
+    clip_l2,
+    round_cost,
+    within_norm_bound,
+)
+from edge_sdk.privacy._sampler import discrete_gaussian
 from edge_sdk.protocol import EncryptedUpdate, RoundAnnouncement, digest
-from edge_sdk.randomness import RandomSource, default_random
+from edge_sdk.randomness import RandomSource, default_random, uniform_uint64
 
 __all__ = [
     "NO_NOISE_DIGEST",
@@ -150,6 +163,12 @@ class RoundContext:
                     "noise calibrated for more clients than the round's quorum",
                     reason="bad_spec",
                 )
+
+        try:
+            # A DP round releases nothing un-noised; unknown slots are refused.
+            check_slots(spec.extras, noise)
+        except ValueError as exc:
+            raise RemoteProtocolError(f"bad extra slots: {exc}", reason="bad_spec") from None
         if policy is not None:
             if policy.key_fingerprint != public_key.fingerprint:
                 raise RemoteProtocolError(
@@ -160,7 +179,7 @@ class RoundContext:
                     "round of another federation than the pinned policy's",
                     reason="outside_policy",
                 )
-            policy.check_noise(noise, value_bits=spec.value_bits)
+            policy.check_noise(noise, value_bits=spec.value_bits, extras=spec.extras)
         return cls(
             announcement=announcement,
             packing=spec,
@@ -184,6 +203,25 @@ class RoundContext:
         """The L2 clip from the noise spec (None without DP)."""
         return None if self.noise is None else self.noise.clip
 
+    @property
+    def extras(self) -> tuple[ExtraSlot, ...]:
+        """The extra slots the round asks for (packed after the model parameters)."""
+        return self.packing.extras
+
+    @property
+    def evaluate(self) -> bool:
+        """Whether the round asks for federated evaluation of the received model."""
+        return self.packing.extra_index(EVAL_SLOTS[0]) is not None
+
+    @property
+    def cost(self) -> PrivacyCost | None:
+        """What taking part costs (model slots and every extra slot), None without DP.
+
+        The one figure both the agent and the simulator check against the
+        ledger and charge before an update leaves the device.
+        """
+        return None if self.noise is None else round_cost(self.noise, self.packing.extras)
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PrivatizedUpdate:
@@ -195,6 +233,7 @@ class PrivatizedUpdate:
         clipped: whether clipping changed the delta.
         rounding_tries: conditional rounding attempts used.
         clamped: coordinates changed by the final clamp to the slot range.
+        extras: the bounded extra-slot values before noise (slot units), by name.
     """
 
     values: npt.NDArray[np.int64]
@@ -202,6 +241,7 @@ class PrivatizedUpdate:
     clipped: bool
     rounding_tries: int
     clamped: int
+    extras: Mapping[str, int] = field(default_factory=dict)
 
 
 def privatize(
@@ -209,16 +249,22 @@ def privatize(
     ctx: RoundContext,
     *,
     clip: float | None = None,
+    extras: Mapping[str, float] | None = None,
     rng: RandomSource | None = None,
     allow_insecure_rng: bool = False,
 ) -> PrivatizedUpdate:
-    """Clip, quantize, noise and clamp a model delta.
+    """Clip, quantize, noise and clamp a model delta (and the round's extra slots).
 
     Args:
         delta: the float model delta (length = model size).
         ctx: the round context.
         clip: L2 clip when the round carries no noise spec (HE-only rounds);
             ignored otherwise (the spec's clip rules).
+        extras: the device's raw value of every extra slot the round declares
+            (e.g. :func:`edge_sdk.extras.evaluation_values`); ``clip_below``
+            is computed here from the delta's norm and never taken from the
+            caller. Each value is stochastically rounded to slot units and
+            bounded to ``[0, bound]`` before its noise is added.
         rng: randomness for rounding and noise; the OS CSPRNG by default.
         allow_insecure_rng: accept a non-secure source (tests only).
 
@@ -260,6 +306,20 @@ def privatize(
             )
     if noise is not None:
         ints = add_noise(ints, noise, source, allow_insecure_rng=allow_insecure_rng)
+    bounded: dict[str, int] = {}
+    if ctx.packing.extras:
+        given = dict(extras or {})
+        given.pop(CLIP_BELOW, None)  # never the caller's word
+        if bound is not None and ctx.packing.extra_index(CLIP_BELOW) is not None:
+            # +1 when the norm was within the clip, -1 when clipped (the
+            # paper's b - 1/2 at scale 2: sensitivity 1 unit = 1/2 bit)
+            given[CLIP_BELOW] = 1.0 if norm <= bound else -1.0
+        extra_ints = _extra_values(ctx.packing.extras, given, source)
+        bounded = {e.name: int(v) for e, v in zip(ctx.packing.extras, extra_ints, strict=True)}
+        extra_ints = extra_ints + _extra_noise(ctx.packing.extras, source)
+        ints = np.concatenate([ints, extra_ints])
+    elif extras:
+        raise ValueError(f"the round declares no extra slots, got values for {sorted(extras)}")
     values, clamped = clamp(ints, ctx.packing)
     return PrivatizedUpdate(
         values=values,
@@ -267,7 +327,38 @@ def privatize(
         clipped=bound is not None and norm > bound,
         rounding_tries=tries,
         clamped=int(clamped),
+        extras=bounded,
     )
+
+
+def _extra_values(
+    slots: tuple[ExtraSlot, ...], given: Mapping[str, float], source: RandomSource
+) -> npt.NDArray[np.int64]:
+    """Round each extra value to slot units and bound it to ``[low, bound]`` (on the device)."""
+    missing = sorted(e.name for e in slots if e.name not in given)
+    unknown = sorted(set(given) - {e.name for e in slots})
+    if missing or unknown:
+        raise ValueError(f"extra slot values: missing {missing}, not in the round {unknown}")
+    out = np.zeros(len(slots), dtype=np.int64)
+    for index, e in enumerate(slots):
+        x = float(given[e.name])
+        if not math.isfinite(x):
+            raise ValueError(f"extra slot {e.name!r} value is not finite: {x}")
+        y = min(max(x * e.scale, float(e.low)), float(e.bound))
+        # unbiased stochastic rounding, the codec's coin (53 random bits)
+        floor = math.floor(y)
+        coin = float(int(uniform_uint64(source, 1)[0]) >> 11) * 2.0**-53
+        out[index] = min(max(int(floor) + int(coin < y - floor), e.low), e.bound)
+    return out
+
+
+def _extra_noise(slots: tuple[ExtraSlot, ...], source: RandomSource) -> npt.NDArray[np.int64]:
+    """Exact discrete Gaussian noise per extra slot (its own variance; 0 when none)."""
+    out = np.zeros(len(slots), dtype=np.int64)
+    for index, e in enumerate(slots):
+        if e.noised:
+            out[index] = int(discrete_gaussian(source, Fraction(e.sigma2_num, e.sigma2_den), 1)[0])
+    return out
 
 
 def seal(
@@ -378,6 +469,7 @@ def build_update(
     *,
     pool: ObfuscatorPool | None = None,
     clip: float | None = None,
+    extras: Mapping[str, float] | None = None,
     rng: RandomSource | None = None,
     allow_insecure_rng: bool = False,
     now_ms: int | None = None,
@@ -387,6 +479,8 @@ def build_update(
     Returns:
         The signed update and the privatization record.
     """
-    private = privatize(delta, ctx, clip=clip, rng=rng, allow_insecure_rng=allow_insecure_rng)
+    private = privatize(
+        delta, ctx, clip=clip, extras=extras, rng=rng, allow_insecure_rng=allow_insecure_rng
+    )
     update = seal(private.values, ctx, identity, pool=pool, rng=rng, now_ms=now_ms)
     return update, private

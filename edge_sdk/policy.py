@@ -14,7 +14,14 @@ and check every round announcement against it:
   ``max(policy.min_clients, noise.min_clients)`` updates, so the sum always
   carries the noise each device's ledger charged for;
 * the announced epsilon target, delta, rounds horizon and clip may be at
-  most the policy's; the slot value bits within the policy's bounds.
+  most the policy's, the clip at least ``min_clip``; the slot value bits
+  within the policy's bounds;
+* the model noise relative to the clip: the announced noise spec's own
+  cost over its rounds (computed, not read from the spec) must be within
+  its epsilon target, so an announcement cannot shrink the noise or raise
+  the sensitivity below what its target promises;
+* extra slots (docs/packing.md): the adaptive-clipping bit only when the
+  policy sets ``adaptive_clip``; in a DP round every extra slot is noised.
 
 Changing the policy is a new ceremony step (a new document signed by ``T``
 members and re-pinned by each device), never an aggregator setting.
@@ -28,7 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -44,6 +51,12 @@ POLICY_MODES = ("distributed", "local", "none")
 _FORMAT = "edgefl-federation-policy"
 _VERSION = 1
 _DOMAIN = b"edgefl/federation-policy/v1\x00"
+
+
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -64,6 +77,10 @@ class FederationPolicy:
         max_clip: largest L2 clip an announcement may use.
         min_value_bits: smallest slot value width an announcement may use.
         max_value_bits: largest slot value width an announcement may use.
+        min_clip: smallest L2 clip an announcement may use (None: no floor).
+            With ``max_clip`` it is the range an adaptive clip must stay in.
+        adaptive_clip: whether rounds may ask devices for their
+            clipped-or-not bit (adaptive clipping, Andrew et al. 2021).
         djn_base: the committee's DJN base (``hs``, an n-th residue no device
             chose): devices encrypt with ``hs^a`` and prove knowledge of their
             plaintexts over it (:mod:`edge_sdk.crypto.binding`). None: no
@@ -84,6 +101,8 @@ class FederationPolicy:
     max_clip: float
     min_value_bits: int = 8
     max_value_bits: int = 24
+    min_clip: float | None = None
+    adaptive_clip: bool = False
     djn_base: DJNBase | None = None
     signatures: tuple[tuple[str, bytes], ...] = field(default=())
 
@@ -109,11 +128,19 @@ class FederationPolicy:
             raise ValueError(f"policy rounds must be >= 1, got {self.rounds!r}")
         if not 1 <= self.min_value_bits <= self.max_value_bits <= 62:
             raise ValueError("policy value bits must satisfy 1 <= min <= max <= 62")
+        if self.min_clip is not None and not (
+            isinstance(self.min_clip, (int, float))
+            and math.isfinite(self.min_clip)
+            and 0 < self.min_clip <= self.max_clip
+        ):
+            raise ValueError(f"policy min_clip must be in (0, max_clip], got {self.min_clip!r}")
+        if not isinstance(self.adaptive_clip, bool):
+            raise ValueError(f"policy adaptive_clip must be a bool, got {self.adaptive_clip!r}")
 
     # -- canonical form and signatures -------------------------------------------
 
     def _body(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "federation": self.federation,
             "key_fingerprint": self.key_fingerprint,
             "committee_fingerprint": self.committee_fingerprint,
@@ -129,6 +156,13 @@ class FederationPolicy:
             "max_value_bits": self.max_value_bits,
             "djn_base": None if self.djn_base is None else self.djn_base.to_dict(),
         }
+        # Optional fields appear only when set, so a policy that does not use
+        # them keeps its canonical bytes (and the digest devices pinned).
+        if self.min_clip is not None:
+            body["min_clip"] = float(self.min_clip)
+        if self.adaptive_clip:
+            body["adaptive_clip"] = True
+        return body
 
     def signing_bytes(self) -> bytes:
         """The bytes each member signs (everything but the signatures)."""
@@ -174,8 +208,12 @@ class FederationPolicy:
 
     # -- the checks devices and members make ---------------------------------------
 
-    def check_noise(self, noise: Any, *, value_bits: int | None = None) -> None:
+    def check_noise(
+        self, noise: Any, *, value_bits: int | None = None, extras: Sequence[Any] = ()
+    ) -> None:
         """Refuse a round whose noise spec (a ``NoiseSpec`` or None) is outside the policy.
+
+        ``extras`` are the round's extra slots (``ExtraSlot``, from its packing spec).
 
         Raises:
             RemoteProtocolError: ``reason="outside_policy"``, the message says which bound.
@@ -192,6 +230,9 @@ class FederationPolicy:
             refuse(
                 f"value bits {value_bits} outside [{self.min_value_bits}, {self.max_value_bits}]"
             )
+        names = {getattr(e, "name", None) for e in extras}
+        if "clip_below" in names and not self.adaptive_clip:
+            refuse("the round asks for the clipped-or-not bit; the policy allows no adaptive clip")
         if noise is None:
             if self.mode != "none":
                 refuse(f"the policy requires {self.mode} DP, the round announces no noise")
@@ -211,6 +252,17 @@ class FederationPolicy:
             refuse(f"calibrated for {noise.rounds} rounds, the policy's horizon is {self.rounds}")
         if noise.clip > self.max_clip * (1 + 1e-12):
             refuse(f"clip {noise.clip} above the policy's {self.max_clip}")
+        if self.min_clip is not None and noise.clip < self.min_clip * (1 - 1e-12):
+            refuse(f"clip {noise.clip} below the policy's {self.min_clip}")
+        # The noise relative to the clip, computed from what devices will add.
+        from edge_sdk.privacy.accounting import epsilon_spent
+
+        spent = epsilon_spent(noise, noise.rounds)
+        if spent > noise.epsilon_target * (1 + 1e-9):
+            refuse(
+                f"the announced noise gives epsilon {spent:.4g} over {noise.rounds} rounds, "
+                f"above its own target {noise.epsilon_target} (too little noise for the clip)"
+            )
 
     def quorum(self, noise: Any) -> int:
         """Fewest contributions a member may decrypt for a round with this noise spec."""
@@ -256,6 +308,8 @@ class FederationPolicy:
                 max_clip=float(doc["max_clip"]),
                 min_value_bits=int(doc.get("min_value_bits", 8)),
                 max_value_bits=int(doc.get("max_value_bits", 24)),
+                min_clip=None if doc.get("min_clip") is None else float(doc["min_clip"]),
+                adaptive_clip=_bool(doc.get("adaptive_clip", False)),
                 djn_base=None
                 if doc.get("djn_base") is None
                 else DJNBase.from_dict(doc["djn_base"]),

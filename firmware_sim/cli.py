@@ -37,6 +37,7 @@ def _config(args: argparse.Namespace) -> Any:
             server_opt=args.server_opt,
             min_clients=args.min_clients,
             seed=args.seed,
+            evaluate_every=args.evaluate_every,
         )
     except ValueError as exc:
         from edge_sdk.errors import ConfigError
@@ -52,7 +53,7 @@ def _cmd_run_fleet(args: argparse.Namespace) -> int:
     from firmware_sim.fleet import DeviceProfile, Fleet, FleetConfig
     from firmware_sim.report import plot_rounds
 
-    if args.setting == "float" or args.crypto == "off":
+    if args.setting in ("float", "dp_adaptive") or args.crypto == "off":
         raise ConfigError("--broker runs the real stack: use --setting dp or he with crypto on")
     password = _broker_password(args)
     try:
@@ -71,6 +72,7 @@ def _cmd_run_fleet(args: argparse.Namespace) -> int:
             partition=args.partition,
             alpha=args.alpha,
             privacy=args.setting,
+            evaluate_every=args.evaluate_every,
             epsilon=args.epsilon,
             delta=args.delta,
             clip=args.clip,
@@ -192,6 +194,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     def progress(r: RoundResult) -> None:
         if not quiet:
             eps = f", epsilon {r.epsilon:.2f}" if r.epsilon else ""
+            if r.fed_accuracy is not None:
+                eps += f", federated eval {100 * r.fed_accuracy:5.1f}%"
+            if config.setting == "dp_adaptive" and r.clip is not None:
+                eps += f", clip {r.clip:.3g}"
             late = f", {r.late} late" if r.late else ""
             outcome = "" if r.outcome == "ok" else f" [{r.outcome}: model unchanged]"
             print(
@@ -222,7 +228,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             summary["rounds"],
             title=f"{config.devices} devices, {config.model} on {config.dataset}, "
             f"{config.setting}"
-            + (f" (epsilon {config.epsilon})" if config.setting == "dp" else ""),
+            + (f" (epsilon {config.epsilon})" if config.setting in ("dp", "dp_adaptive") else ""),
         )
         if not quiet:
             print(f"report: {out / 'report.png'}, {out / 'summary.json'}")
@@ -265,7 +271,7 @@ def register(parser: argparse.ArgumentParser) -> None:
         "--setting",
         choices=SETTINGS,
         default="dp",
-        help="float FedAvg, HE-only, or HE + distributed DP",
+        help="float FedAvg, HE-only, HE + distributed DP, or DP with adaptive clipping",
     )
     run.add_argument("--epsilon", type=float, default=8.0)
     run.add_argument("--delta", type=float, default=1e-5)
@@ -285,6 +291,12 @@ def register(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--server-opt", choices=("fedavg", "fedavgm", "fedadam"), default="fedavg")
     run.add_argument("--min-clients", type=int, help="quorum (default: half the expected)")
     run.add_argument("--seed", type=int, default=0)
+    run.add_argument(
+        "--evaluate-every",
+        type=int,
+        default=0,
+        help="federated evaluation every N rounds on each device's held-out data (0: off)",
+    )
     stack = run.add_argument_group(
         "full stack over a broker",
         "With --broker, every device is a real agent with its own MQTT connection, ledger and "

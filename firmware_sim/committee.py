@@ -264,6 +264,8 @@ class InMemoryCommittee:
             delta=terms.delta,
             rounds=terms.rounds,
             max_clip=terms.max_clip,
+            min_clip=terms.min_clip,
+            adaptive_clip=terms.adaptive_clip,
             djn_base=base,
         )
         for ident in self.identities:

@@ -47,6 +47,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         holders=args.holders,
         threshold=args.threshold,
         seed=args.seed,
+        evaluate_every=args.evaluate_every,
     )
     quiet = args.json == "-"
 
@@ -104,6 +105,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 f"{data['contributors']:>3}/{data['expected']} devices, accuracy "
                 f"{100 * data['accuracy']:5.1f}% (central {100 * central:.1f}%), epsilon "
                 f"{data['epsilon']:.2f}, {data['seconds']:.1f} s"
+                + (
+                    f"; federated evaluation {100 * data['fed_accuracy']:.1f}% (DP-noised)"
+                    if data.get("fed_accuracy") is not None
+                    else ""
+                )
             )
 
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="edgefl-demo-"))
@@ -173,4 +179,11 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--holders", type=int, default=3, help="key holders N (3)")
     parser.add_argument("--threshold", type=int, default=2, help="shares needed T (2)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--evaluate-every",
+        type=int,
+        default=0,
+        help="federated evaluation every N rounds on the devices' held-out data (0: off; "
+        "it costs epsilon, see docs/privacy.md)",
+    )
     parser.set_defaults(func=_cmd_demo)

@@ -25,6 +25,10 @@ Settings (``SimConfig.setting``):
 * ``he``: clipped, 16-bit quantized, Paillier-encrypted sums; no DP noise.
 * ``dp``: ``he`` plus distributed DP noise calibrated to (epsilon, delta)
   over the run's rounds.
+* ``dp_adaptive``: ``dp`` with adaptive clipping (Andrew et al. 2021): no
+  hand-tuned clip; it starts at ``adaptive_initial_clip`` and follows the
+  ``adaptive_quantile`` of the devices' update norms from their noised
+  clipped-or-not bits (``clip`` is ignored).
 
 Crypto. ``crypto=True`` encrypts with fresh obfuscators (``r^n``, the
 costly part). ``crypto=False`` is the fast path: the same code with the
@@ -67,7 +71,7 @@ import numpy.typing as npt
 from aggregator import rounds as agg
 from aggregator.keyholder import exchange
 from aggregator.optimizers import make_optimizer
-from aggregator.planning import RoundPlan, plan_rounds
+from aggregator.planning import AdaptiveClipPlan, EvaluationPlan, RoundPlan, plan_rounds
 from edge_sdk.agent import session as dev
 from edge_sdk.agent.trainer import ModelTrainer
 from edge_sdk.crypto import (
@@ -75,6 +79,7 @@ from edge_sdk.crypto import (
     PaillierPublicKey,
 )
 from edge_sdk.errors import BudgetExhaustedError, EdgeFLError, RemoteProtocolError
+from edge_sdk.extras import EVAL_CORRECT, EVAL_EXAMPLES, evaluation_values, per_example_results
 from edge_sdk.identity import DeviceIdentity, DeviceRegistry
 from edge_sdk.models import (
     LinearRegression,
@@ -85,7 +90,7 @@ from edge_sdk.models import (
     TrainConfig,
 )
 from edge_sdk.pipeline import RoundContext, build_update
-from edge_sdk.privacy import DPPolicy, PrivacyLedger, cost_of, update_digest
+from edge_sdk.privacy import DPPolicy, PrivacyLedger, update_digest
 from edge_sdk.protocol import (
     Chunk,
     GlobalModel,
@@ -116,7 +121,7 @@ __all__ = [
     "run",
 ]
 
-SETTINGS = ("float", "he", "dp")
+SETTINGS = ("float", "he", "dp", "dp_adaptive")
 MODELS = ("softmax", "logistic", "linear", "onnx-mlp", "onnx-cnn")
 
 #: L2 clip of the ``float`` setting (never reached by a converging run).
@@ -158,6 +163,22 @@ class SimConfig:
     value_bits: int = 16
     seed: int = 0
     eval_split: str = "test"
+    #: Federated evaluation every this many rounds (0: off). Each device
+    #: evaluates the received model on its share of the validation split
+    #: (its local held-out data) and sends (examples, correct, loss) in the
+    #: update's extra slots; the reported test accuracy stays the central one.
+    evaluate_every: int = 0
+    #: Noise multiplier of the evaluation slots (sum noise / slot bound).
+    eval_noise: float = 5.0
+    #: Most held-out examples one device counts.
+    eval_max_examples: int = 16
+    #: dp_adaptive: target quantile, geometric step, first clip, bit noise
+    #: (standard deviation of the released count in bits; None: expected
+    #: contributors / 10, raised until the bit costs at most ~5% of the budget).
+    adaptive_quantile: float = 0.5
+    adaptive_lr: float = 0.2
+    adaptive_initial_clip: float = 0.1
+    adaptive_bit_noise: float | None = None
 
     def __post_init__(self) -> None:
         if self.setting not in SETTINGS:
@@ -172,6 +193,8 @@ class SimConfig:
             raise ValueError(f"eval_split must be test or val, got {self.eval_split!r}")
         if self.min_clients is not None and not 1 <= self.min_clients <= self.devices:
             raise ValueError(f"min_clients must be in [1, devices], got {self.min_clients}")
+        if self.evaluate_every < 0 or self.eval_max_examples < 1 or not self.eval_noise > 0:
+            raise ValueError("evaluate_every must be >= 0, eval_max_examples >= 1, eval_noise > 0")
 
     @property
     def expected_clients(self) -> int:
@@ -200,6 +223,14 @@ class RoundResult:
         outcome: ``ok`` or ``failed: <reason>`` (the machine's record).
         late: updates that reached the aggregator after the round closed.
         clipped: updates whose L2 norm was clipped.
+        fed_accuracy: federated accuracy of the model the devices received
+            this round, from the decrypted noised totals (None: no evaluation).
+        fed_loss: federated mean loss, likewise.
+        fed_examples: noised count of held-out examples evaluated.
+        fed_plain_accuracy: the same accuracy from the devices' own un-noised
+            bounded counts (simulation only: what the DP noise moved).
+        fed_plain_examples: the devices' own un-noised example count.
+        clip: the L2 clip the round announced.
     """
 
     round: int
@@ -213,6 +244,12 @@ class RoundResult:
     outcome: str = "ok"
     late: int = 0
     clipped: int = 0
+    fed_accuracy: float | None = None
+    fed_loss: float | None = None
+    fed_examples: float | None = None
+    fed_plain_accuracy: float | None = None
+    fed_plain_examples: int | None = None
+    clip: float | None = None
 
 
 @dataclass(slots=True)
@@ -272,6 +309,8 @@ def fleet_plan(
     delta: float,
     rounds: int,
     value_bits: int = 16,
+    evaluation: EvaluationPlan | None = None,
+    adaptive: AdaptiveClipPlan | None = None,
 ) -> RoundPlan:
     """The aggregator's round plan for a simulated fleet (distributed DP or HE-only)."""
     policy = None
@@ -292,7 +331,23 @@ def fleet_plan(
         clip=clip,
         value_bits=value_bits,
         policy=policy,
+        evaluation=evaluation,
+        adaptive=adaptive,
     )
+
+
+def _default_bit_noise(config: SimConfig) -> float:
+    """sigma_b for ``dp_adaptive``: expected contributors / 10, raised so the bit costs little.
+
+    The bit's releases are ``rounds / (8 sigma_b^2)``-zCDP; sigma_b is raised
+    until that is at most 1/20 of the zCDP budget ``rho`` of the target
+    epsilon (``epsilon = rho + 2 sqrt(rho ln(1/delta))``), so adaptive
+    clipping takes at most about 5% of the budget from the model noise.
+    """
+    log_term = math.sqrt(math.log(1.0 / config.delta))
+    rho = (math.sqrt(log_term**2 + config.epsilon) - log_term) ** 2
+    floor = math.sqrt(20.0 * config.rounds / (8.0 * rho))
+    return max(config.expected_clients / 10.0, floor)
 
 
 def build_model(config: SimConfig, data: Dataset) -> Model:
@@ -359,6 +414,7 @@ class _Device:
     trainer: ModelTrainer
     ledger: PrivacyLedger | None
     weights: npt.NDArray[np.float32] | None = None
+    held_out: tuple[npt.NDArray[Any], npt.NDArray[Any]] | None = None
 
 
 @dataclass(slots=True)
@@ -370,6 +426,7 @@ class _RoundTally:
     clipped: int = 0
     late: int = 0
     blobs: dict[str, bytes] = field(default_factory=dict)
+    extras: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 class _Simulation:
@@ -392,19 +449,43 @@ class _Simulation:
         self.model = build_model(config, data)
         weights = self.model.get_flat().astype(np.float32)
         quorum = config.quorum
-        dp = config.setting == "dp"
+        dp = config.setting in ("dp", "dp_adaptive")
         is_float = config.setting == "float"
+        adaptive = None
+        if config.setting == "dp_adaptive":
+            adaptive = AdaptiveClipPlan(
+                target_quantile=config.adaptive_quantile,
+                lr=config.adaptive_lr,
+                initial_clip=config.adaptive_initial_clip,
+                bit_noise=config.adaptive_bit_noise or _default_bit_noise(config),
+            )
         self.plan = fleet_plan(
             keys.public_key,
             dimension=int(weights.size),
             devices=config.devices,
             min_clients=quorum,
-            clip=FLOAT_CLIP if is_float else config.clip,
+            clip=(
+                FLOAT_CLIP
+                if is_float
+                else config.clip
+                if adaptive is None
+                else adaptive.initial_clip
+            ),
             dp=dp,
             epsilon=config.epsilon,
             delta=config.delta,
             rounds=config.rounds,
             value_bits=FLOAT_VALUE_BITS if is_float else config.value_bits,
+            evaluation=(
+                EvaluationPlan(
+                    every=config.evaluate_every,
+                    noise_multiplier=config.eval_noise,
+                    max_examples=config.eval_max_examples,
+                )
+                if config.evaluate_every
+                else None
+            ),
+            adaptive=adaptive,
         )
         self.pool = None if config.crypto else _UnitObfuscators(keys.public_key)
         self.require_privacy = dp
@@ -417,6 +498,10 @@ class _Simulation:
             seed=config.seed,
         )
         self.devices: dict[str, _Device] = {}
+        # each device's local held-out data: an even share of the validation split
+        held_out = np.array_split(
+            np.random.default_rng(config.seed + 7).permutation(len(data.y_val)), config.devices
+        )
         for index, idx in enumerate(shards):
             device_id = f"dev-{index:04d}"
             identity = DeviceIdentity.generate(device_id)
@@ -439,6 +524,7 @@ class _Simulation:
                 session=session,
                 trainer=ModelTrainer(self.model, data.x_train[idx], data.y_train[idx]),
                 ledger=ledger,
+                held_out=(data.x_val[held_out[index]], data.y_val[held_out[index]]),
             )
         round_config = agg.RoundConfig(
             federation=FEDERATION,
@@ -475,6 +561,7 @@ class _Simulation:
         self.late_mail: list[tuple[str, bytes]] = []
         self.stragglers: set[str] = set()
         self.alerts: list[str] = []
+        self.round_clip = self.machine.clip
 
     # -- aggregator side: feed the machine, execute its actions ---------------
 
@@ -578,7 +665,7 @@ class _Simulation:
             return fail("already_spent")
         if ctx.noise is None and self.require_privacy:
             return fail("no_privacy")
-        cost = None if ctx.noise is None else cost_of(ctx.noise)
+        cost = ctx.cost
         if cost is not None:
             if ledger is None:
                 return fail("no_ledger")
@@ -588,6 +675,12 @@ class _Simulation:
                 return fail("budget_exhausted", str(exc))
         if device.weights is None:
             return fail("no_model")
+        extras = None
+        if ctx.evaluate and device.held_out is not None:
+            # the received global model on the device's own held-out data
+            self.model.set_flat(device.weights.astype(np.float32).copy())
+            correct, losses = per_example_results(self.model, *device.held_out)
+            extras = evaluation_values(correct, losses, ctx.packing)
         train = ann.train_config()
         seed = self.config.seed * 100_003 + ann.round_id * 1009 + device.index
         trained = device.trainer.train(device.weights.copy(), train, seed=seed)
@@ -601,6 +694,7 @@ class _Simulation:
                 device.identity,
                 pool=self.pool,
                 clip=float(clip) if isinstance(clip, (int, float)) else None,
+                extras=extras,
                 rng=rng,
                 allow_insecure_rng=rng is not None,
                 now_ms=self.now,
@@ -620,6 +714,7 @@ class _Simulation:
             self.epsilon = max(self.epsilon, entry.epsilon_after)
         self.tally.clamped += private.clamped
         self.tally.clipped += int(private.clipped)
+        self.tally.extras[device.device_id] = dict(private.extras)
         self.tally.blobs[device.device_id] = update.ciphertexts
         outbox = dev.OutboxEntry(
             round_id=update.round_id, update_digest=update.update_digest, payload=payload
@@ -662,6 +757,7 @@ class _Simulation:
             round_id = self.machine.round_id
             ann, model = self.retained_round, self.retained_model
             assert ann is not None and model is not None and ann.round_id == round_id
+            self.round_clip = self.machine.clip
             ids = sorted(self.devices)
             online = [
                 ids[i] for i in np.flatnonzero(select_rng.random(cfg.devices) < cfg.participation)
@@ -702,6 +798,12 @@ class _Simulation:
         assert model is not None
         self.model.set_flat(np.frombuffer(model.weights, dtype="<f4").copy())
         accuracy, loss = _metric(self.model, x_eval, y_eval)
+        fed = agg.round_metrics(record)
+        plain = None
+        on_time = [v for d, v in self.tally.extras.items() if d not in self.stragglers]
+        examples = sum(v.get(EVAL_EXAMPLES, 0) for v in on_time)
+        if examples:
+            plain = sum(v.get(EVAL_CORRECT, 0) for v in on_time) / examples
         return RoundResult(
             round=round_id,
             contributors=record.count,
@@ -714,6 +816,12 @@ class _Simulation:
             outcome="ok" if record.phase == "done" else f"failed: {record.outcome}",
             late=late,
             clipped=self.tally.clipped,
+            fed_accuracy=None if fed is None else fed.accuracy,
+            fed_loss=None if fed is None else fed.loss,
+            fed_examples=None if fed is None else fed.examples,
+            fed_plain_accuracy=plain if fed is not None and fed.accuracy is not None else None,
+            fed_plain_examples=examples if fed is not None and fed.examples is not None else None,
+            clip=self.round_clip,
         )
 
 

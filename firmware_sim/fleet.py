@@ -49,7 +49,8 @@ import numpy as np
 from aggregator.committee import CommitteeManifest, CommitteeVerifier
 from aggregator.keyholder_config import PolicyTerms, run_ceremony
 from aggregator.optimizers import make_optimizer
-from aggregator.rounds import RoundConfig, RoundMachine
+from aggregator.planning import EvaluationPlan
+from aggregator.rounds import RoundConfig, RoundMachine, round_metrics
 from aggregator.service import AggregatorService
 from aggregator.store import AggregatorStore
 from edge_sdk.agent import (
@@ -64,7 +65,7 @@ from edge_sdk.crypto import load_public_key
 from edge_sdk.errors import EdgeFLError
 from edge_sdk.identity import DeviceIdentity, DeviceRegistry
 from edge_sdk.policy import FederationPolicy
-from edge_sdk.privacy import epsilon_spent
+from edge_sdk.privacy import compose_epsilon, round_cost
 from edge_sdk.transport import MqttTransport, TransportConfig
 from firmware_sim.broker import BrokerKind, EmbeddedBroker, MosquittoBroker, start_broker
 from firmware_sim.broker_nats import NatsCluster
@@ -171,6 +172,9 @@ class FleetConfig:
     broker_max_packet_size: int | None = None
     profile: DeviceProfile = field(default_factory=DeviceProfile)
     seed: int = 0
+    #: federated evaluation every this many rounds (0: off); each device
+    #: evaluates the received model on its share of the validation split
+    evaluate_every: int = 0
 
     def __post_init__(self) -> None:
         if self.privacy not in ("dp", "he"):
@@ -213,6 +217,8 @@ class FleetRound:
     epsilon: float
     bytes_up: int
     seconds: float
+    fed_accuracy: float | None = None
+    fed_loss: float | None = None
 
 
 @dataclass(slots=True)
@@ -310,7 +316,7 @@ class Fleet:
     def _start_agent(self, device_id: str) -> None:
         spec = self._device_specs[device_id]
         model = build_model(self._sim_config, self._data)
-        trainer = ModelTrainer(model, spec["x"], spec["y"])
+        trainer = ModelTrainer(model, spec["x"], spec["y"], eval_data=spec.get("eval"))
         cfg: DeviceConfig = spec["config"]
         transport = MqttTransport(transport_config(cfg))
         agent = DeviceAgent(
@@ -497,6 +503,9 @@ class Fleet:
         )
         registry = DeviceRegistry(self.workdir / "registry.json", cfg.federation)
         self._device_specs: dict[str, dict[str, Any]] = {}
+        held_out = np.array_split(
+            np.random.default_rng(cfg.seed + 7).permutation(len(self._data.y_val)), cfg.devices
+        )
         for i, idx in enumerate(shards):
             device_id = f"dev-{i:03d}"
             state = self.workdir / "devices" / device_id
@@ -529,6 +538,13 @@ class Fleet:
                 "y": self._data.y_train[idx],
                 "config": dcfg,
             }
+            if cfg.evaluate_every:  # the device's local held-out data
+                share = held_out[len(self._device_specs) - 1]
+                if share.size:
+                    self._device_specs[device_id]["eval"] = (
+                        self._data.x_val[share],
+                        self._data.y_val[share],
+                    )
         registry.save()
         registry.require_approvals(
             {h.holder_id: h.public_key for h in manifest.holders}, manifest.threshold
@@ -550,6 +566,7 @@ class Fleet:
             epsilon=cfg.epsilon,
             delta=cfg.delta,
             rounds=cfg.rounds,
+            evaluation=EvaluationPlan(every=cfg.evaluate_every) if cfg.evaluate_every else None,
         )
         self._plan = plan
         aggregator_identity = DeviceIdentity.generate("aggregator")
@@ -645,8 +662,16 @@ class Fleet:
         record = service.store.round_record(model.round_id)
         count = record.count if record is not None else 0
         eps = 0.0
-        if self._plan.noise is not None:
-            eps = epsilon_spent(self._plan.noise, model.version)
+        noise = self._plan.noise
+        if noise is not None:
+            # what each device's ledger charged: the model releases of every
+            # round and the evaluation releases of the evaluation rounds
+            costs = [
+                (round_cost(noise, self._plan.packing_for(r).extras), 1)
+                for r in range(1, model.version + 1)
+            ]
+            eps = compose_epsilon(costs, noise.delta)
+        fed = None if record is None else round_metrics(record)
         return FleetRound(
             round=model.version,
             contributors=count,
@@ -656,6 +681,8 @@ class Fleet:
             epsilon=eps,
             bytes_up=count * self._plan.num_ciphertexts * self._public_key.ciphertext_bytes,
             seconds=time.perf_counter() - started,
+            fed_accuracy=None if fed is None else fed.accuracy,
+            fed_loss=None if fed is None else fed.loss,
         )
 
     def _schedule_availability(self) -> int:

@@ -39,6 +39,15 @@ def plot_rounds(
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     ax = axes[0][0]
     ax.plot(xs, [100 * r["accuracy"] for r in rounds], marker="o", label="federated (this run)")
+    fed = [(r["round"], r.get("fed_accuracy")) for r in rounds if r.get("fed_accuracy") is not None]
+    if fed:
+        ax.plot(
+            [x for x, _ in fed],
+            [100 * float(a) for _, a in fed],  # type: ignore[arg-type]
+            marker="x",
+            linestyle=":",
+            label="federated evaluation (devices' held-out data, DP-noised)",
+        )
     if baseline is not None:
         ax.axhline(100 * baseline, linestyle="--", color="grey", label=baseline_label)
     ax.set_xlabel("round")

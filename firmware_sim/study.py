@@ -10,7 +10,19 @@ training the same model:
   only the clip chosen (isolates the cost of clipping and quantization);
 * ``dp``: ``he`` plus distributed DP noise for each target epsilon;
 * ``dp_default_quorum`` (optional): one ``dp`` configuration re-run with the
-  default quorum (half the fleet) to show what the quorum costs.
+  default quorum (half the fleet) to show what the quorum costs;
+* ``dp_adaptive``: ``dp`` with adaptive clipping (Andrew et al. 2021) and no
+  hand-tuned clip: the clip starts at :data:`ADAPTIVE` ``initial_clip`` and
+  follows the median update norm; tuned like ``dp`` over rounds and the
+  server optimizer only.
+
+Federated evaluation (``federated_evaluation`` in the output): the ``he``
+winner and the ``dp`` and ``dp_adaptive`` winners at the fleet's headline
+epsilon re-run with evaluation every round, the devices' noised federated
+accuracy (on their shares of the validation split) printed next to the
+central test accuracy of the same model. Evaluation costs epsilon, so the
+DP runs there calibrate their model noise for it (their test accuracy is not
+the row's).
 
 Every setting is tuned on the VALIDATION split only (``eval_split="val"``)
 over a fixed grid; the configuration with the best mean validation accuracy
@@ -61,6 +73,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edge_sdk.errors import EdgeFLError
+from edge_sdk.privacy import CalibrationError
 from firmware_sim.committee import InMemoryCommittee
 from firmware_sim.datasets import Dataset, load_dataset
 from firmware_sim.engine import FEDERATION, SimConfig, SimResult, central_baseline, run
@@ -69,6 +82,7 @@ __all__ = [
     "FleetPlan",
     "Row",
     "StudyPlan",
+    "extend_study",
     "format_table",
     "full_plan",
     "quick_plan",
@@ -77,6 +91,13 @@ __all__ = [
 ]
 
 Server = tuple[str, float]
+
+#: The adaptive-clipping settings of every ``dp_adaptive`` row (fixed, not
+#: tuned): target the median norm; a geometric step of 1.0 (the paper's 0.2
+#: is for hundreds of rounds; these horizons are 3 to 8 rounds, so the clip
+#: must be able to cross a decade); first clip 0.1 (the paper's); bit noise
+#: sigma_b = expected contributors / 10 (the paper suggests / 20).
+ADAPTIVE: dict[str, float] = {"quantile": 0.5, "lr": 1.0, "initial_clip": 0.1}
 Keys = InMemoryCommittee
 Progress = Callable[[str], None]
 
@@ -105,6 +126,8 @@ class FleetPlan:
         test_seeds: fresh seeds the winner is re-run on (test split).
         default_quorum_epsilon: also report the ``dp`` winner at this epsilon
             with the engine's default quorum (None: skip).
+        adaptive_epsilons: epsilons of the ``dp_adaptive`` rows.
+        headline_epsilon: the epsilon of the federated-evaluation runs.
     """
 
     dataset: str
@@ -121,6 +144,8 @@ class FleetPlan:
     selection_seeds: tuple[int, ...] = (0,)
     test_seeds: tuple[int, ...] = (10, 11, 12)
     default_quorum_epsilon: float | None = None
+    adaptive_epsilons: tuple[float, ...] = ()
+    headline_epsilon: float | None = None
 
     def grid_size(self, epsilons: int) -> int:
         """Number of (configuration, seed) tuning runs the plan costs."""
@@ -237,6 +262,8 @@ def full_plan() -> StudyPlan:
             dp_servers=digits_dp_servers,
             selection_seeds=(0, 1),
             default_quorum_epsilon=quorum_eps,
+            adaptive_epsilons=(1.0, 8.0),
+            headline_epsilon=8.0,
         )
 
     sensor_servers: tuple[Server, ...] = (("fedavg", 1.0), ("fedavg", 2.0), ("fedavg", 4.0))
@@ -254,6 +281,8 @@ def full_plan() -> StudyPlan:
         dp_servers=(("fedavg", 2.0), ("fedavg", 4.0)),
         selection_seeds=(0,),
         test_seeds=(10, 11),
+        adaptive_epsilons=(1.0,),
+        headline_epsilon=1.0,
     )
     return StudyPlan(fleets=(digits(20, None), digits(50, 8.0), sensor))
 
@@ -277,6 +306,8 @@ def quick_plan() -> StudyPlan:
             selection_seeds=(0,),
             test_seeds=(10, 11),
             default_quorum_epsilon=8.0,
+            adaptive_epsilons=(8.0,),
+            headline_epsilon=8.0,
         )
 
     return StudyPlan(
@@ -476,6 +507,91 @@ class _Study:
         best = _pick(cands)
         return self._finish(fleet, "dp", best, len(cands), failed, t0)
 
+    def dp_adaptive(self, fleet: FleetPlan, chosen_float: SimConfig, epsilon: float) -> Row:
+        """``dp`` with adaptive clipping: the grid has no clip (rounds and server only)."""
+        t0 = time.perf_counter()
+        cands: list[_Candidate] = []
+        failed = 0
+        for order, (rounds, (opt, slr)) in enumerate(
+            (r, s) for r in fleet.dp_rounds for s in fleet.dp_servers
+        ):
+            cfg = replace(
+                chosen_float,
+                setting="dp_adaptive",
+                epsilon=epsilon,
+                rounds=rounds,
+                server_opt=opt,
+                server_lr=slr,
+                adaptive_quantile=ADAPTIVE["quantile"],
+                adaptive_lr=ADAPTIVE["lr"],
+                adaptive_initial_clip=ADAPTIVE["initial_clip"],
+            )
+            final = float(self.curve(cfg, fleet.selection_seeds)[-1])
+            failed += int(not math.isfinite(final))
+            cands.append(_Candidate(cfg, final if math.isfinite(final) else -math.inf, order))
+        best = _pick(cands)
+        return self._finish(fleet, "dp_adaptive", best, len(cands), failed, t0)
+
+    def federated_evaluation(self, fleet: FleetPlan, label: str, cfg: SimConfig) -> dict[str, Any]:
+        """One test-seed run of ``cfg`` with federated evaluation: both figures per round.
+
+        Evaluation every round at noise multiplier 5 when the budget allows
+        it; otherwise (an epsilon too small for that) the first of: every
+        round at 10, 20, 40, then only the last round at 5, 10, 20, 40, that
+        the calibration can meet. The choice depends on the privacy budget
+        only, never on accuracy.
+        """
+        one = replace(cfg, eval_split="test", seed=fleet.test_seeds[0])
+        options = [(1, z) for z in (5.0, 10.0, 20.0, 40.0)]
+        options += [(one.rounds, z) for z in (5.0, 10.0, 20.0, 40.0)]
+        res = None
+        for every, z in options:
+            one = replace(one, evaluate_every=every, eval_noise=z)
+            try:
+                res = self.simulate(one)
+                break
+            except CalibrationError:
+                if not one.setting.startswith("dp"):
+                    raise
+        if res is None:
+            return {
+                "dataset": fleet.dataset,
+                "devices": fleet.devices,
+                "setting": label,
+                "skipped": "no evaluation schedule fits the epsilon",
+            }
+        return {
+            "dataset": fleet.dataset,
+            "devices": fleet.devices,
+            "setting": label,
+            "epsilon_target": one.epsilon if one.setting.startswith("dp") else None,
+            "epsilon": round(res.rounds[-1].epsilon, 4) if res.rounds else None,
+            "eval_noise": one.eval_noise,
+            "evaluate_every": one.evaluate_every,
+            "eval_max_examples": one.eval_max_examples,
+            "rounds": [
+                {
+                    "round": r.round,
+                    # the model the devices received this round is the one the
+                    # previous round produced: pair it with that test figure
+                    "test_accuracy_of_received_model": (
+                        None if i == 0 else round(res.rounds[i - 1].accuracy, 4)
+                    ),
+                    "federated_accuracy": (
+                        None if r.fed_accuracy is None else round(r.fed_accuracy, 4)
+                    ),
+                    "federated_accuracy_unnoised": (
+                        None if r.fed_plain_accuracy is None else round(r.fed_plain_accuracy, 4)
+                    ),
+                    "federated_loss": None if r.fed_loss is None else round(r.fed_loss, 4),
+                    "examples": r.fed_plain_examples,
+                    "test_accuracy_after_round": round(r.accuracy, 4),
+                    "clip": None if r.clip is None else round(r.clip, 4),
+                }
+                for i, r in enumerate(res.rounds)
+            ],
+        }
+
     def default_quorum(self, fleet: FleetPlan, dp_row_config: SimConfig) -> Row:
         """The ``dp`` winner re-run with the engine's default quorum (no re-tuning)."""
         t0 = time.perf_counter()
@@ -499,9 +615,11 @@ class _Study:
         spent: list[float] = []
         round_times: list[float] = []
         failed_rounds = 0
+        final_clips: list[float] = []
         for seed in fleet.test_seeds:
             res = self.simulate(replace(best.config, seed=seed, eval_split="test"))
             tests.append(res.final_accuracy)
+            final_clips.append(res.rounds[-1].clip or 0.0)
             spent.append(res.rounds[-1].epsilon)
             round_times.extend(r.seconds for r in res.rounds)
             failed_rounds += res.failed_rounds
@@ -514,7 +632,12 @@ class _Study:
             "server_opt": cfg.server_opt,
             "server_lr": cfg.server_lr,
         }
-        if setting != "float":
+        if setting == "dp_adaptive":
+            params["clip"] = "adaptive"
+            params["adaptive"] = dict(ADAPTIVE)
+            params["final_clips"] = [round(c, 4) for c in final_clips]
+            params["value_bits"] = cfg.value_bits
+        elif setting != "float":
             params["clip"] = cfg.clip
             params["value_bits"] = cfg.value_bits
         if setting.startswith("dp"):
@@ -621,6 +744,16 @@ def target_checks(rows: Sequence[Row]) -> dict[str, dict[str, Any]]:
                 "target": ">= -3 points (float FedAvg vs central, test)",
                 "met": g >= -3.0,
             }
+    for ds, n, eps in (("digits", 50, 8.0), ("sensor", 1000, 1.0)):
+        dp = table.get((ds, n, "dp", eps))
+        ad = table.get((ds, n, "dp_adaptive", eps))
+        if dp is not None and ad is not None:
+            g = gap(ad, dp)
+            out[f"dp_adaptive_eps{eps:g}_vs_dp_{ds}_{n}"] = {
+                "value": g,
+                "target": f">= -1 point (adaptive clip vs the best hand-tuned clip, eps {eps:g})",
+                "met": g >= -1.0,
+            }
     for ds, n, eps, limit in (("digits", 50, 8.0, 5.0), ("sensor", 1000, 1.0, 3.0)):
         fl = table.get((ds, n, "float", None))
         dp = table.get((ds, n, "dp", eps))
@@ -656,6 +789,7 @@ def run_study(
     started = time.perf_counter()
     study = _Study(plan, keys or InMemoryCommittee(FEDERATION, bits=plan.key_bits), progress)
     rows: list[Row] = []
+    federated: list[dict[str, Any]] = []
     dp_configs: dict[tuple[str, int, float], SimConfig] = {}
     for fleet in plan.fleets:
         rows.append(study.central(fleet))
@@ -671,6 +805,9 @@ def run_study(
         if q_eps is not None and (fleet.dataset, fleet.devices, q_eps) in dp_configs:
             cfg = dp_configs[(fleet.dataset, fleet.devices, q_eps)]
             rows.append(study.default_quorum(fleet, cfg))
+        adaptive_rows, evaluations = _learning_rows(study, fleet, chosen_float, rows, dp_configs)
+        rows += adaptive_rows
+        federated += evaluations
     largest = max(plan.fleets, key=lambda f: f.devices)
     timing: dict[str, Any] = {"devices": largest.devices, "dataset": largest.dataset}
     for r in rows:
@@ -683,6 +820,7 @@ def run_study(
         timing.update(study.crypto_round(largest, cfg))
     return {
         "rows": [r.to_json() for r in rows],
+        "federated_evaluation": federated,
         "targets": target_checks(rows),
         "round_timing": timing,
         "plan": _plan_json(plan),
@@ -694,6 +832,130 @@ def run_study(
         },
         "study_seconds": round(time.perf_counter() - started, 1),
     }
+
+
+def _learning_rows(
+    study: _Study,
+    fleet: FleetPlan,
+    chosen_float: SimConfig,
+    rows: Sequence[Row],
+    dp_configs: dict[tuple[str, int, float], SimConfig],
+) -> tuple[list[Row], list[dict[str, Any]]]:
+    """The ``dp_adaptive`` rows of a fleet and its federated-evaluation runs."""
+    out: list[Row] = []
+    adaptive: dict[float, Row] = {}
+    for eps in fleet.adaptive_epsilons:
+        row = study.dp_adaptive(fleet, chosen_float, eps)
+        adaptive[eps] = row
+        out.append(row)
+    evaluations: list[dict[str, Any]] = []
+    he = next(
+        (
+            r
+            for r in rows
+            if r.setting == "he" and r.dataset == fleet.dataset and r.devices == fleet.devices
+        ),
+        None,
+    )
+    if he is not None:
+        cfg = replace(
+            chosen_float,
+            setting="he",
+            rounds=int(he.params["rounds"]),
+            clip=float(he.params["clip"]),
+            server_opt=str(he.params["server_opt"]),
+            server_lr=float(he.params["server_lr"]),
+        )
+        evaluations.append(study.federated_evaluation(fleet, "he", cfg))
+    headline = fleet.headline_epsilon
+    if headline is not None and (fleet.dataset, fleet.devices, headline) in dp_configs:
+        key = (fleet.dataset, fleet.devices, headline)
+        evaluations.append(study.federated_evaluation(fleet, "dp", dp_configs[key]))
+    if headline is not None and headline in adaptive:
+        eps = headline
+        p = adaptive[eps].params
+        cfg = replace(
+            chosen_float,
+            setting="dp_adaptive",
+            epsilon=eps,
+            rounds=int(p["rounds"]),
+            server_opt=str(p["server_opt"]),
+            server_lr=float(p["server_lr"]),
+            adaptive_quantile=ADAPTIVE["quantile"],
+            adaptive_lr=ADAPTIVE["lr"],
+            adaptive_initial_clip=ADAPTIVE["initial_clip"],
+        )
+        evaluations.append(study.federated_evaluation(fleet, "dp_adaptive", cfg))
+    return out, evaluations
+
+
+def extend_study(
+    published: dict[str, Any],
+    plan: StudyPlan,
+    *,
+    keys: Keys | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Add the ``dp_adaptive`` rows and the federated-evaluation runs to a published study.
+
+    The staged tuning's earlier stages are read from ``published`` instead
+    of re-run (the float winner's local training, the ``he`` and ``dp``
+    winners): what :func:`run_study` would have chosen from the same rows.
+    Everything new is tuned and tested exactly as :func:`run_study` does.
+    """
+    started = time.perf_counter()
+    study = _Study(plan, keys or InMemoryCommittee(FEDERATION, bits=plan.key_bits), progress)
+    old = [r for r in published["rows"] if r["setting"] != "dp_adaptive"]
+    rows = [_row_of(r) for r in old]
+    new_rows: list[Row] = []
+    federated: list[dict[str, Any]] = []
+    for fleet in plan.fleets:
+        mine = [r for r in rows if (r.dataset, r.devices) == (fleet.dataset, fleet.devices)]
+        fl = next(r for r in mine if r.setting == "float")
+        chosen_float = study.base(
+            fleet,
+            setting="float",
+            rounds=int(fl.params["rounds"]),
+            local_epochs=int(fl.params["local_epochs"]),
+            lr=float(fl.params["lr"]),
+            server_opt=str(fl.params["server_opt"]),
+            server_lr=float(fl.params["server_lr"]),
+        )
+        dp_configs = {
+            (r.dataset, r.devices, float(r.epsilon_target or 0)): _config_of(r, chosen_float)
+            for r in mine
+            if r.setting == "dp"
+        }
+        adaptive_rows, evaluations = _learning_rows(study, fleet, chosen_float, mine, dp_configs)
+        new_rows += adaptive_rows
+        federated += evaluations
+    ordered: list[dict[str, Any]] = []
+    for r in old:  # each fleet's dp_adaptive rows right after its dp rows
+        ordered.append(r)
+        last_dp = [
+            o
+            for o in old
+            if (o["dataset"], o["devices"]) == (r["dataset"], r["devices"]) and o["setting"] == "dp"
+        ][-1:]
+        if last_dp and r is last_dp[0]:
+            ordered += [
+                n.to_json()
+                for n in new_rows
+                if (n.dataset, n.devices) == (r["dataset"], r["devices"])
+            ]
+    out = dict(published)
+    out["rows"] = ordered
+    out["federated_evaluation"] = federated
+    out["targets"] = target_checks([_row_of(r) for r in ordered])
+    out["plan"] = _plan_json(plan)
+    out["extension_seconds"] = round(time.perf_counter() - started, 1)
+    return out
+
+
+def _row_of(data: dict[str, Any]) -> Row:
+    fields = {k: data[k] for k in Row.__dataclass_fields__ if k in data}
+    fields["test_accuracies"] = tuple(fields.get("test_accuracies", ()))
+    return Row(**fields)
 
 
 def _config_of(row: Row, chosen_float: SimConfig) -> SimConfig:
@@ -734,7 +996,10 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
             rounds = str(p["rounds"])
             local = f"{p['local_epochs']} / {p['lr']:g}"
             server = f"{p['server_opt']} {p['server_lr']:g}"
-        clip = f"{p['clip']:g}" if "clip" in p else "-"
+        if p.get("clip") == "adaptive":
+            clip = "adaptive (" + ", ".join(f"{c:.2g}" for c in p.get("final_clips", [])) + ")"
+        else:
+            clip = f"{p['clip']:g}" if "clip" in p else "-"
         acc = f"{100 * r['accuracy']:.2f} ± {100 * r['accuracy_std']:.2f}"
         lines.append(
             f"| {r['dataset']} | {r['devices']} | {r['setting']} | {eps} | {acc} "

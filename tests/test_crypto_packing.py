@@ -99,7 +99,7 @@ def test_from_dict_rejects_unknown_missing_and_versions() -> None:
     with pytest.raises(DecodeError, match="missing"):
         PackingSpec.from_dict(missing)
     with pytest.raises(DecodeError, match="version"):
-        PackingSpec.from_dict(dict(data, version=2))
+        PackingSpec.from_dict(dict(data, version=3))
 
 
 def test_from_bytes_rejects_every_truncation_and_bad_magic() -> None:

@@ -102,24 +102,39 @@ def test_test_split_is_used_only_for_the_chosen_configurations(
 ) -> None:
     result, calls = quick_run
     plan = quick_plan()
-    test_calls = [c for c in calls if c.eval_split == "test"]
+    all_test_calls = [c for c in calls if c.eval_split == "test"]
+    # federated-evaluation runs re-run a chosen configuration on a test seed
+    evaluation_calls = [c for c in all_test_calls if c.evaluate_every]
+    test_calls = [c for c in all_test_calls if not c.evaluate_every]
     simulated_rows = [r for r in result["rows"] if r["setting"] != "central"]
     seeds = {(f.dataset, f.devices): f.test_seeds for f in plan.fleets}
     assert len(test_calls) == sum(len(seeds[(r["dataset"], r["devices"])]) for r in simulated_rows)
     for row in simulated_rows:
         p = row["params"]
         quorum = None if row["setting"] == "dp_default_quorum" else row["devices"]
-        setting = row["setting"].split("_")[0]
+        setting = "dp_adaptive" if row["setting"] == "dp_adaptive" else row["setting"].split("_")[0]
         mine = {
             c.seed
             for c in test_calls
             if (c.dataset, c.devices, c.setting) == (row["dataset"], row["devices"], setting)
             and (c.rounds, c.server_opt, c.server_lr)
             == (p["rounds"], p["server_opt"], p["server_lr"])
-            and (setting == "float" or c.clip == p["clip"])
-            and (setting != "dp" or (c.epsilon, c.min_clients) == (row["epsilon_target"], quorum))
+            and (setting in ("float", "dp_adaptive") or c.clip == p["clip"])
+            and (
+                not setting.startswith("dp")
+                or (c.epsilon, c.min_clients) == (row["epsilon_target"], quorum)
+            )
         }
         assert mine == set(seeds[(row["dataset"], row["devices"])]), row
+    assert evaluation_calls and len(result["federated_evaluation"]) <= len(evaluation_calls)
+    for c in evaluation_calls:
+        assert c.seed in seeds[(c.dataset, c.devices)]
+        assert any(
+            (r["dataset"], r["devices"], r["setting"]) == (c.dataset, c.devices, c.setting)
+            and r["params"]["rounds"] == c.rounds
+            and (r["params"]["server_opt"], r["params"]["server_lr"]) == (c.server_opt, c.server_lr)
+            for r in simulated_rows
+        ), c
     # Tuning seeds and test seeds never overlap.
     tuning_seeds = {c.seed for c in calls if c.eval_split == "val"}
     assert tuning_seeds.isdisjoint({c.seed for c in test_calls})

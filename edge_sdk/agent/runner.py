@@ -76,10 +76,11 @@ from edge_sdk.errors import (
     InvalidSignatureError,
     RemoteProtocolError,
 )
+from edge_sdk.extras import evaluation_values_from_summary
 from edge_sdk.identity import DeviceIdentity, SignedMessage, verify_message
 from edge_sdk.pipeline import PrivatizedUpdate, RoundContext, build_update
 from edge_sdk.policy import FederationPolicy
-from edge_sdk.privacy import PrivacyLedger, cost_of, update_digest
+from edge_sdk.privacy import PrivacyLedger, update_digest
 from edge_sdk.protocol import (
     Chunk,
     DeviceStatus,
@@ -566,7 +567,7 @@ class DeviceAgent:
             return fail("already_spent", "update for this round was prepared before a restart")
         if ctx.noise is None and self.require_privacy:
             return fail("no_privacy", "round carries no noise spec; this device requires DP")
-        cost = None if ctx.noise is None else cost_of(ctx.noise)
+        cost = ctx.cost
         if cost is not None:
             try:
                 self.ledger.check(cost)
@@ -574,6 +575,18 @@ class DeviceAgent:
                 return fail("budget_exhausted", str(exc))
         if self.weights is None or self.model is None:
             return fail("no_model")
+        extras = None
+        if ctx.evaluate:
+            # federated evaluation of the received global model on local data
+            evaluation = self.last_evaluation or check_evaluate_result(
+                self.trainer, self.trainer.evaluate(self.weights.copy())
+            )
+            extras = evaluation_values_from_summary(
+                examples=evaluation.num_examples,
+                accuracy=evaluation.metrics.get("accuracy"),
+                mean_loss=evaluation.loss,
+                packing=ctx.packing,
+            )
         started = time.perf_counter()
         result = check_fit_result(
             self.trainer,
@@ -594,6 +607,7 @@ class DeviceAgent:
                 self.identity,
                 pool=self.pool,
                 clip=float(clip) if isinstance(clip, (int, float)) else None,
+                extras=extras,
                 rng=self.rng,
                 allow_insecure_rng=self.allow_insecure_rng,
                 now_ms=self.clock(),

@@ -57,6 +57,7 @@ from edge_sdk.crypto.keys import (
     public_key_to_bytes,
 )
 from edge_sdk.crypto.packing import (
+    ExtraSlot,
     PackingSpec,
     clamp,
     dequantize,
@@ -77,6 +78,7 @@ __all__ = [
     "DJNBase",
     "DJNObfuscatorSource",
     "DJNTableError",
+    "ExtraSlot",
     "FixedBaseTable",
     "InvalidBindingError",
     "ObfuscatorPool",

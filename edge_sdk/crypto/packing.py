@@ -43,7 +43,10 @@ from edge_sdk.protocol.limits import MAX_SLOT_BITS
 from edge_sdk.randomness import RandomSource, default_random, uniform_uint64
 
 __all__ = [
+    "EXTRA_SPEC_VERSION",
+    "MAX_EXTRA_SLOTS",
     "SPEC_VERSION",
+    "ExtraSlot",
     "PackingSpec",
     "clamp",
     "dequantize",
@@ -53,7 +56,15 @@ __all__ = [
 ]
 
 SPEC_VERSION = 1
+#: Layout version of a spec that carries extra slots (version 1 bytes are unchanged).
+EXTRA_SPEC_VERSION = 2
+#: Most extra slots one spec may declare.
+MAX_EXTRA_SLOTS = 16
 _SPEC_MAGIC = b"EFPS"
+# name length (then name), flags, bound, scale, sigma2 numerator, sigma2 denominator
+_EXTRA_STRUCT = struct.Struct(">BQdQI")
+_EXTRA_SIGNED = 1
+_EXTRA_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")
 # magic, version, key_bits, value_bits, headroom_bits, slots, max_contributors, offset, scale
 _SPEC_STRUCT = struct.Struct(">4sBHBBHIQd")
 _FINGERPRINT_HEX = 64
@@ -61,6 +72,110 @@ _FINGERPRINT_HEX = 64
 MAX_VALUE_BITS = 48
 # |value * scale| must stay well inside int64 before clamping.
 _QUANT_LIMIT = float(2**62)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExtraSlot:
+    """One integer slot packed after the model parameters (docs/packing.md, "Extra slots").
+
+    A device puts ``q = round(x * scale)`` of some per-device quantity ``x``
+    here (an example count, a loss sum, a clipped-or-not bit), bounds it to
+    ``[0, bound]`` (``[-bound, bound]`` when ``signed``) ON THE DEVICE, adds
+    exact discrete Gaussian noise of variance parameter ``sigma2_num /
+    sigma2_den`` and clamps to the slot range like every other slot.
+    ``bound`` is therefore the L2 sensitivity of the slot's sum (one device
+    added or removed moves it by at most ``bound``); the device's accountant
+    charges the slot with it (``2 * bound`` for a signed slot's local
+    curve, where one device's value may change sign).
+
+    Attributes:
+        name: what the slot carries (lowercase letters, digits, ``_``).
+        bound: largest value one device may put in the slot (``>= 1``).
+        scale: slot units per 1.0 of the quantity (1.0 for counts).
+        sigma2_num: numerator of the per-device noise variance (0: no noise,
+            only for rounds without DP).
+        sigma2_den: its denominator, a power of two.
+        signed: values range over ``[-bound, bound]`` instead of ``[0, bound]``.
+    """
+
+    name: str
+    bound: int
+    scale: float = 1.0
+    sigma2_num: int = 0
+    sigma2_den: int = 1
+    signed: bool = False
+
+    def __post_init__(self) -> None:
+        if (
+            not isinstance(self.name, str)
+            or not 1 <= len(self.name) <= 32
+            or not set(self.name) <= _EXTRA_NAME_CHARS
+        ):
+            raise ValueError(f"extra slot name must be 1-32 of [a-z0-9_], got {self.name!r}")
+        for name in ("bound", "sigma2_num", "sigma2_den"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"extra slot {name} must be an int, got {value!r}")
+        if not 1 <= self.bound < 2**47:
+            raise ValueError(f"extra slot bound must be in [1, 2^47), got {self.bound}")
+        if not isinstance(self.scale, float) or not (math.isfinite(self.scale) and self.scale > 0):
+            raise ValueError(f"extra slot scale must be a finite float > 0, got {self.scale!r}")
+        if not 0 <= self.sigma2_num < 2**63:
+            raise ValueError(f"extra slot sigma2_num must be in [0, 2^63), got {self.sigma2_num}")
+        den = self.sigma2_den
+        if not 1 <= den < 2**32 or den & (den - 1):
+            raise ValueError(f"extra slot sigma2_den must be a power of two, got {den}")
+        if self.sigma2_num == 0 and den != 1:
+            raise ValueError("a noiseless extra slot has sigma2 0/1")
+        if self.sigma2_num and math.gcd(self.sigma2_num, den) != 1:
+            raise ValueError("extra slot sigma2_num/sigma2_den must be in lowest terms")
+        if not isinstance(self.signed, bool):
+            raise TypeError(f"extra slot signed must be a bool, got {self.signed!r}")
+
+    @property
+    def low(self) -> int:
+        """Smallest value one device may put in the slot."""
+        return -self.bound if self.signed else 0
+
+    @property
+    def noised(self) -> bool:
+        """Whether the device adds noise to this slot."""
+        return self.sigma2_num > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form."""
+        return {
+            "name": self.name,
+            "bound": self.bound,
+            "scale": self.scale,
+            "sigma2_num": self.sigma2_num,
+            "sigma2_den": self.sigma2_den,
+            "signed": self.signed,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ExtraSlot:
+        """Decode :meth:`to_dict` output (ValueError/TypeError on anything else)."""
+        if not isinstance(data, Mapping) or set(data) != {
+            "name",
+            "bound",
+            "scale",
+            "sigma2_num",
+            "sigma2_den",
+            "signed",
+        }:
+            raise ValueError(f"malformed extra slot {data!r}")
+        scale = data["scale"]
+        if isinstance(scale, int) and not isinstance(scale, bool):
+            scale = float(scale)
+        return cls(
+            name=data["name"],
+            bound=data["bound"],
+            scale=scale,
+            sigma2_num=data["sigma2_num"],
+            sigma2_den=data["sigma2_den"],
+            signed=data["signed"],
+        )
 
 
 def _headroom_bits(max_contributors: int) -> int:
@@ -84,6 +199,8 @@ class PackingSpec:
         offset: ``2^(b-1)``; a signed value ``v`` is stored as ``v + offset``.
         scale: quantization units per 1.0 (a weight ``x`` becomes ``x * scale``).
         max_contributors: most contributions one sum may hold.
+        extras: extra integer slots packed after the model parameters, in
+            order (empty: the version 1 layout, byte for byte).
     """
 
     key_bits: int
@@ -94,6 +211,7 @@ class PackingSpec:
     offset: int
     scale: float
     max_contributors: int
+    extras: tuple[ExtraSlot, ...] = ()
 
     def __post_init__(self) -> None:
         for name in (
@@ -147,6 +265,42 @@ class PackingSpec:
             or any(ch not in "0123456789abcdef" for ch in fp)
         ):
             raise ValueError(f"key_fingerprint must be 64 lowercase hex digits, got {fp!r}")
+        if not isinstance(self.extras, tuple) or not all(
+            isinstance(e, ExtraSlot) for e in self.extras
+        ):
+            raise TypeError("extras must be a tuple of ExtraSlot")
+        if len(self.extras) > MAX_EXTRA_SLOTS:
+            raise ValueError(f"at most {MAX_EXTRA_SLOTS} extra slots, got {len(self.extras)}")
+        names = [e.name for e in self.extras]
+        if len(set(names)) != len(names):
+            raise ValueError(f"extra slot names must be distinct, got {names}")
+        for extra in self.extras:
+            if extra.bound > self.value_max or extra.low < self.value_min:
+                raise ValueError(
+                    f"extra slot {extra.name!r} bound {extra.bound} exceeds the slot range "
+                    f"(value_max {self.value_max})"
+                )
+
+    def with_extras(self, extras: Sequence[ExtraSlot]) -> PackingSpec:
+        """This spec with ``extras`` packed after the model parameters."""
+        return PackingSpec(
+            key_bits=self.key_bits,
+            key_fingerprint=self.key_fingerprint,
+            value_bits=self.value_bits,
+            headroom_bits=self.headroom_bits,
+            slots_per_plaintext=self.slots_per_plaintext,
+            offset=self.offset,
+            scale=self.scale,
+            max_contributors=self.max_contributors,
+            extras=tuple(extras),
+        )
+
+    def extra_index(self, name: str) -> int | None:
+        """Position of the extra slot ``name`` among the extras, or None."""
+        for index, extra in enumerate(self.extras):
+            if extra.name == name:
+                return index
+        return None
 
     @classmethod
     def derive(
@@ -231,9 +385,9 @@ class PackingSpec:
         return -(-length // self.slots_per_plaintext)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON/msgpack-friendly dict (``scale`` also as exact hex)."""
-        return {
-            "version": SPEC_VERSION,
+        """JSON/msgpack-friendly dict (``extras`` only when there are some, version 2)."""
+        out: dict[str, Any] = {
+            "version": EXTRA_SPEC_VERSION if self.extras else SPEC_VERSION,
             "key_bits": self.key_bits,
             "key_fingerprint": self.key_fingerprint,
             "value_bits": self.value_bits,
@@ -243,6 +397,9 @@ class PackingSpec:
             "scale": self.scale,
             "max_contributors": self.max_contributors,
         }
+        if self.extras:
+            out["extras"] = [e.to_dict() for e in self.extras]
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PackingSpec:
@@ -253,8 +410,9 @@ class PackingSpec:
         """
         if not isinstance(data, Mapping):
             raise DecodeError(f"packing spec must be a mapping, got {type(data).__name__}")
-        if data.get("version") != SPEC_VERSION:
-            raise DecodeError(f"unsupported packing spec version {data.get('version')!r}")
+        version = data.get("version")
+        if version not in (SPEC_VERSION, EXTRA_SPEC_VERSION):
+            raise DecodeError(f"unsupported packing spec version {version!r}")
         fields = {
             "key_bits",
             "key_fingerprint",
@@ -265,6 +423,8 @@ class PackingSpec:
             "scale",
             "max_contributors",
         }
+        if version == EXTRA_SPEC_VERSION:
+            fields.add("extras")
         keys = set(data) - {"version"}
         if keys != fields:
             raise DecodeError(
@@ -275,20 +435,28 @@ class PackingSpec:
         if isinstance(values["scale"], int) and not isinstance(values["scale"], bool):
             values["scale"] = float(values["scale"])
         try:
+            if "extras" in values:
+                if not isinstance(values["extras"], list) or not values["extras"]:
+                    raise ValueError("a version 2 spec lists at least one extra slot")
+                values["extras"] = tuple(ExtraSlot.from_dict(e) for e in values["extras"])
             return cls(**values)
         except (TypeError, ValueError) as exc:
             raise DecodeError(f"invalid packing spec: {exc}") from exc
 
     def to_bytes(self) -> bytes:
-        """Stable binary encoding (big-endian, 62 bytes); the input of :meth:`digest`.
+        """Stable binary encoding (big-endian); the input of :meth:`digest`.
 
         Layout: ``b"EFPS"``, u8 version, u16 key_bits, u8 value_bits,
         u8 headroom_bits, u16 slots_per_plaintext, u32 max_contributors,
-        u64 offset, IEEE-754 binary64 scale, 32 bytes key fingerprint.
+        u64 offset, IEEE-754 binary64 scale, 32 bytes key fingerprint (62
+        bytes, version 1). With extra slots the version byte is 2 and a tail
+        follows: u8 count, then per slot u8 name length, the name (ASCII),
+        u8 flags (bit 0: signed), u64 bound, binary64 scale, u64 sigma2_num,
+        u32 sigma2_den.
         """
-        return _SPEC_STRUCT.pack(
+        head = _SPEC_STRUCT.pack(
             _SPEC_MAGIC,
-            SPEC_VERSION,
+            EXTRA_SPEC_VERSION if self.extras else SPEC_VERSION,
             self.key_bits,
             self.value_bits,
             self.headroom_bits,
@@ -297,6 +465,15 @@ class PackingSpec:
             self.offset,
             self.scale,
         ) + bytes.fromhex(self.key_fingerprint)
+        if not self.extras:
+            return head
+        tail = [bytes([len(self.extras)])]
+        for e in self.extras:
+            name = e.name.encode("ascii")
+            tail.append(bytes([len(name)]) + name)
+            flags = _EXTRA_SIGNED if e.signed else 0
+            tail.append(_EXTRA_STRUCT.pack(flags, e.bound, e.scale, e.sigma2_num, e.sigma2_den))
+        return head + b"".join(tail)
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> PackingSpec:
@@ -306,27 +483,30 @@ class PackingSpec:
             DecodeError: wrong length, magic, version or inconsistent fields.
         """
         blob = bytes(blob)
-        if len(blob) != _SPEC_STRUCT.size + 32:
-            raise DecodeError(
-                f"packing spec must be {_SPEC_STRUCT.size + 32} bytes, got {len(blob)}"
-            )
+        base = _SPEC_STRUCT.size + 32
+        if len(blob) < base:
+            raise DecodeError(f"packing spec must be at least {base} bytes, got {len(blob)}")
         magic, version, kb, vb, hb, k, mc, off, scale = _SPEC_STRUCT.unpack(
             blob[: _SPEC_STRUCT.size]
         )
         if magic != _SPEC_MAGIC:
             raise DecodeError("not a packing spec (bad magic)")
-        if version != SPEC_VERSION:
+        if version not in (SPEC_VERSION, EXTRA_SPEC_VERSION):
             raise DecodeError(f"unsupported packing spec version {version}")
+        if version == SPEC_VERSION and len(blob) != base:
+            raise DecodeError(f"packing spec version 1 must be {base} bytes, got {len(blob)}")
+        extras = _decode_extras(blob[base:]) if version == EXTRA_SPEC_VERSION else ()
         try:
             return cls(
                 key_bits=kb,
-                key_fingerprint=blob[_SPEC_STRUCT.size :].hex(),
+                key_fingerprint=blob[_SPEC_STRUCT.size : base].hex(),
                 value_bits=vb,
                 headroom_bits=hb,
                 slots_per_plaintext=k,
                 offset=off,
                 scale=scale,
                 max_contributors=mc,
+                extras=extras,
             )
         except (TypeError, ValueError) as exc:
             raise DecodeError(f"invalid packing spec: {exc}") from exc
@@ -334,6 +514,42 @@ class PackingSpec:
     def digest(self) -> bytes:
         """SHA-256 of :meth:`to_bytes` (32 bytes): peers compare these."""
         return hashlib.sha256(self.to_bytes()).digest()
+
+
+def _decode_extras(tail: bytes) -> tuple[ExtraSlot, ...]:
+    """Decode the extra-slot tail of a version 2 spec (DecodeError on any defect)."""
+    if not tail or not 1 <= tail[0] <= MAX_EXTRA_SLOTS:
+        raise DecodeError("a version 2 packing spec needs 1 to 16 extra slots")
+    count, pos, out = tail[0], 1, []
+    for _ in range(count):
+        if pos >= len(tail):
+            raise DecodeError("truncated extra slot")
+        size = tail[pos]
+        name_end = pos + 1 + size
+        end = name_end + _EXTRA_STRUCT.size
+        if end > len(tail):
+            raise DecodeError("truncated extra slot")
+        try:
+            name = tail[pos + 1 : name_end].decode("ascii")
+            flags, bound, scale, num, den = _EXTRA_STRUCT.unpack(tail[name_end:end])
+            if flags & ~_EXTRA_SIGNED:
+                raise ValueError(f"unknown extra slot flags {flags:#x}")
+            out.append(
+                ExtraSlot(
+                    name=name,
+                    bound=bound,
+                    scale=scale,
+                    sigma2_num=num,
+                    sigma2_den=den,
+                    signed=bool(flags & _EXTRA_SIGNED),
+                )
+            )
+        except (UnicodeDecodeError, TypeError, ValueError) as exc:
+            raise DecodeError(f"invalid extra slot: {exc}") from None
+        pos = end
+    if pos != len(tail):
+        raise DecodeError("trailing bytes after the extra slots")
+    return tuple(out)
 
 
 def quantize(

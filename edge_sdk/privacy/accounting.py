@@ -22,6 +22,7 @@ it within 15%).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from edge_sdk.crypto.packing import ExtraSlot
 from edge_sdk.errors import DecodeError
 from edge_sdk.privacy._spec import NoiseSpec
 
@@ -38,13 +40,16 @@ __all__ = [
     "PrivacyCost",
     "PrivacyReport",
     "RdpCurve",
+    "compose_costs",
     "compose_epsilon",
     "cost_of",
+    "extra_slot_cost",
     "ddg_tau",
     "epsilon_from_rdp",
     "epsilon_spent",
     "pld_epsilon",
     "privacy_report",
+    "round_cost",
 ]
 
 #: The Renyi orders the device evaluates (any finite set gives a sound bound).
@@ -202,6 +207,88 @@ def discrete_gaussian_cost(noise: NoiseSpec) -> PrivacyCost:
     ]
     finite = tuple(p for p in pieces if math.isfinite(p[0]) and math.isfinite(p[1]))
     return PrivacyCost(central=RdpCurve(finite), local=local, mechanism=noise.mechanism)
+
+
+def extra_slot_cost(slot: ExtraSlot, noise: NoiseSpec) -> PrivacyCost:
+    """The cost of one extra slot (docs/privacy.md, "Extra slots") in a round under ``noise``.
+
+    The device bounds the slot to ``[0, bound]``, so adding or removing a
+    device moves the slot's sum by at most ``bound`` and any change of the
+    device's data moves its own value by at most ``bound``: the L2
+    sensitivity is ``bound`` for both the central and the local curve
+    (a signed slot, ``[-bound, bound]``: ``bound`` for add/remove, ``2 bound``
+    for a change of the device's data; local mode uses the latter) (a
+    one-dimensional discrete Gaussian, summed over ``min_clients`` devices in
+    distributed mode exactly as the model slots are, Kairouz, Liu, Steinke
+    2021 with ``d = 1``).
+
+    Raises:
+        ValueError: the slot carries no noise (its cost would be unbounded).
+    """
+    if not slot.noised:
+        raise ValueError(f"extra slot {slot.name!r} carries no noise: its DP cost is unbounded")
+    sigma2 = slot.sigma2_num / slot.sigma2_den
+    b2 = float(slot.bound) ** 2
+    single = (b2 / (2.0 * sigma2), 0.0)
+    # a signed slot's value may go from -bound to +bound when the data change
+    local = RdpCurve((((4.0 if slot.signed else 1.0) * single[0], 0.0),))
+    n = noise.min_clients
+    if noise.mode == "local":
+        return PrivacyCost(central=local, local=local, mechanism=noise.mechanism)
+    if n == 1:
+        return PrivacyCost(central=RdpCurve((single,)), local=local, mechanism=noise.mechanism)
+    tau = ddg_tau(sigma2, n)
+    eps0_sq = b2 / (n * sigma2)
+    pieces = [single, (eps0_sq / 2.0, tau), ((math.sqrt(eps0_sq) + tau) ** 2 / 2.0, 0.0)]
+    finite = tuple(p for p in pieces if math.isfinite(p[0]) and math.isfinite(p[1]))
+    return PrivacyCost(central=RdpCurve(finite), local=local, mechanism=noise.mechanism)
+
+
+def _sum_curves(curves: Sequence[RdpCurve]) -> RdpCurve:
+    """The exact sum of min-of-lines curves: a min over every choice of one line each."""
+    pieces: list[tuple[float, float]] = [(0.0, 0.0)]
+    for curve in curves:
+        summed = sorted({(a + c, b + d) for a, b in pieces for c, d in curve.pieces})
+        # keep the Pareto front: a line with a larger slope AND a larger
+        # intercept than another lies above it on every order
+        pieces = []
+        for line in summed:
+            if not pieces or line[1] < pieces[-1][1]:
+                pieces.append(line)
+    return RdpCurve(tuple(pieces))
+
+
+def compose_costs(costs: Sequence[PrivacyCost]) -> PrivacyCost:
+    """One participation made of several releases: their RDP curves add (exactly).
+
+    ``RDP(alpha)`` of a composition is the sum of the parts' ``RDP(alpha)``
+    at every order; the sum of curves of the form ``min_i (a_i alpha + b_i)``
+    is again of that form (a min over one line of each), so the composed
+    cost is stored in the same shape and the ledger's figures are exact.
+    """
+    if not costs:
+        raise ValueError("compose at least one cost")
+    if len(costs) == 1:
+        return costs[0]
+    return PrivacyCost(
+        central=_sum_curves([c.central for c in costs]),
+        local=_sum_curves([c.local for c in costs]),
+        mechanism=costs[0].mechanism,
+    )
+
+
+def round_cost(noise: NoiseSpec, extras: Sequence[ExtraSlot] = ()) -> PrivacyCost:
+    """What one participation costs: the model slots under ``noise`` and every extra slot.
+
+    This is what the device's ledger charges (the agent and the simulator
+    both call it through :attr:`edge_sdk.pipeline.RoundContext.cost`).
+    """
+    return _round_cost(noise, tuple(extras))
+
+
+@functools.lru_cache(maxsize=64)
+def _round_cost(noise: NoiseSpec, extras: tuple[ExtraSlot, ...]) -> PrivacyCost:
+    return compose_costs([cost_of(noise), *(extra_slot_cost(e, noise) for e in extras)])
 
 
 def epsilon_from_rdp(rdp: npt.NDArray[np.float64], delta: float) -> float:

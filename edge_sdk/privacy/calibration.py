@@ -9,12 +9,21 @@ grid, so a calibrated spec never overshoots the policy's epsilon.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from fractions import Fraction
 
+from edge_sdk.crypto.packing import ExtraSlot
 from edge_sdk.errors import PrivacyError
 from edge_sdk.privacy._sampler import MAX_SIGMA2, sigma2_on_grid
 from edge_sdk.privacy._spec import DPPolicy, NoiseSpec, rounded_norm_bound_sq
-from edge_sdk.privacy.accounting import epsilon_spent
+from edge_sdk.privacy.accounting import (
+    PrivacyCost,
+    compose_costs,
+    compose_epsilon,
+    cost_of,
+    epsilon_spent,
+    extra_slot_cost,
+)
 from edge_sdk.privacy.mechanisms import mechanism
 
 __all__ = ["CalibrationError", "calibrate"]
@@ -43,7 +52,13 @@ def _spec(policy: DPPolicy, sigma2: Fraction, bound_sq: int, scale: float, dim: 
     )
 
 
-def calibrate(policy: DPPolicy, *, scale: float, dimension: int) -> NoiseSpec:
+def calibrate(
+    policy: DPPolicy,
+    *,
+    scale: float,
+    dimension: int,
+    extras: Sequence[tuple[Sequence[ExtraSlot], int]] = (),
+) -> NoiseSpec:
     """Return the noise each device adds so that ``policy`` holds over its rounds.
 
     ``rounds`` participations at the returned spec give an epsilon (by the
@@ -57,6 +72,11 @@ def calibrate(policy: DPPolicy, *, scale: float, dimension: int) -> NoiseSpec:
         policy: the validated privacy policy.
         scale: quantization units per 1.0 (shared with the crypto codec).
         dimension: the number of model coordinates.
+        extras: ``(slots, releases)`` pairs: extra slots (already noised,
+            docs/privacy.md "Extra slots") released that many times over the
+            horizon (federated evaluation every k rounds, the adaptive-clip
+            bit every round). Their cost is composed with the model's and
+            the model noise is raised until the total meets the target.
 
     Returns:
         The :class:`NoiseSpec` to announce.
@@ -66,9 +86,25 @@ def calibrate(policy: DPPolicy, *, scale: float, dimension: int) -> NoiseSpec:
         ValueError: bad ``scale`` or ``dimension``.
     """
     bound_sq = rounded_norm_bound_sq(policy.clip, scale, dimension, policy.rounding_beta)
+    probe = _spec(policy, Fraction(1), bound_sq, scale, dimension)
+    extra_costs: list[tuple[PrivacyCost, int]] = [
+        (compose_costs([extra_slot_cost(e, probe) for e in slots]), count)
+        for slots, count in extras
+        if slots and count
+    ]
+    if extra_costs and compose_epsilon(extra_costs, policy.delta) >= policy.epsilon:
+        raise CalibrationError(
+            f"the extra slots alone spend epsilon {compose_epsilon(extra_costs, policy.delta):.4g} "
+            f"of {policy.epsilon}; give them more noise or release them less often"
+        )
+
+    def total(spec: NoiseSpec) -> float:
+        if not extra_costs:
+            return epsilon_spent(spec, policy.rounds)
+        return compose_epsilon([(cost_of(spec), policy.rounds), *extra_costs], policy.delta)
 
     def eps(sigma2: Fraction) -> float:
-        return epsilon_spent(_spec(policy, sigma2, bound_sq, scale, dimension), policy.rounds)
+        return total(_spec(policy, sigma2, bound_sq, scale, dimension))
 
     lo = mechanism(policy.mechanism).min_sigma2(policy.mode)
     hi = Fraction(MAX_SIGMA2)
@@ -92,6 +128,6 @@ def calibrate(policy: DPPolicy, *, scale: float, dimension: int) -> NoiseSpec:
         if log_hi - log_lo < 1e-7:
             break
     spec = _spec(policy, hi, bound_sq, scale, dimension)
-    if epsilon_spent(spec, policy.rounds) > policy.epsilon:  # pragma: no cover - invariant
+    if total(spec) > policy.epsilon:  # pragma: no cover - invariant
         raise CalibrationError("internal error: calibrated noise overshoots the target")
     return spec
