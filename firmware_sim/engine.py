@@ -69,7 +69,7 @@ from aggregator.keyholder import exchange
 from aggregator.optimizers import make_optimizer
 from aggregator.planning import RoundPlan, plan_rounds
 from edge_sdk.agent import session as dev
-from edge_sdk.agent.trainer import ModelTrainer
+from edge_sdk.agent.trainer import ModelTrainer, check_round_training
 from edge_sdk.crypto import (
     ObfuscatorPool,
     PaillierPublicKey,
@@ -150,6 +150,7 @@ class SimConfig:
     batch_size: int = 16
     lr: float = 0.1
     momentum: float = 0.0
+    prox_mu: float = 0.0
     server_opt: str = "fedavg"
     server_lr: float = 1.0
     min_clients: int | None = None
@@ -171,6 +172,8 @@ class SimConfig:
             raise ValueError(f"eval_split must be test or val, got {self.eval_split!r}")
         if self.min_clients is not None and not 1 <= self.min_clients <= self.devices:
             raise ValueError(f"min_clients must be in [1, devices], got {self.min_clients}")
+        # the local training settings, checked as [aggregator.train] is
+        TrainConfig(lr=self.lr, momentum=self.momentum, prox_mu=self.prox_mu)
 
     @property
     def expected_clients(self) -> int:
@@ -450,6 +453,8 @@ class _Simulation:
                 ("epochs", config.local_epochs),
                 ("lr", config.lr),
                 ("momentum", config.momentum),
+                # FedProx only when asked for: other runs' announcements stay as they were
+                *((("prox_mu", config.prox_mu),) if config.prox_mu > 0 else ()),
             ),
         )
         # The committee's members witness every update as a broker would
@@ -588,6 +593,10 @@ class _Simulation:
         if device.weights is None:
             return fail("no_model")
         train = ann.train_config()
+        try:  # as the agent: the announced training settings, checked before training
+            check_round_training(device.trainer, train)
+        except RemoteProtocolError as exc:
+            return fail(exc.reason, str(exc))
         seed = self.config.seed * 100_003 + ann.round_id * 1009 + device.index
         trained = device.trainer.train(device.weights.copy(), train, seed=seed)
         delta = trained.weights.astype(np.float64) - device.weights.astype(np.float64)

@@ -140,7 +140,10 @@ def crash_child(path: str, name: str, steps: int) -> None:
 def test_state_survives_sigkill_of_the_store_bit_identically(name: str, tmp_path: Path) -> None:
     steps = 4
     path = tmp_path / "agg.db"
-    code = f"from tests.test_optimizers_contract import crash_child; crash_child({str(path)!r}, {name!r}, {steps})"
+    code = (
+        "from tests.test_optimizers_contract import crash_child; "
+        f"crash_child({str(path)!r}, {name!r}, {steps})"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     # uninterrupted reference run, in this process
