@@ -10,7 +10,15 @@ training the same model:
   only the clip chosen (isolates the cost of clipping and quantization);
 * ``dp``: ``he`` plus distributed DP noise for each target epsilon;
 * ``dp_default_quorum`` (optional): one ``dp`` configuration re-run with the
-  default quorum (half the fleet) to show what the quorum costs.
+  default quorum (half the fleet) to show what the quorum costs;
+* strategies (optional, :attr:`FleetPlan.strategies_epsilon`):
+  ``float_fedprox``, ``float_fedyogi``, ``float_fedadagrad`` and
+  ``dp_fedprox``, ``dp_fedyogi``, ``dp_fedadagrad`` at one epsilon. Each
+  keeps the float winner's local training (and, under DP, the ``dp``
+  winner's clip at that epsilon) and tunes only its own knob: the FedProx
+  ``prox_mu`` (with the winner's server optimizer), or the server learning
+  rate of FedYogi / FedAdagrad; float rows early-stop on validation like
+  ``float``, DP rows also choose the rounds from ``dp_rounds``.
 
 Every setting is tuned on the VALIDATION split only (``eval_split="val"``)
 over a fixed grid; the configuration with the best mean validation accuracy
@@ -105,6 +113,11 @@ class FleetPlan:
         test_seeds: fresh seeds the winner is re-run on (test split).
         default_quorum_epsilon: also report the ``dp`` winner at this epsilon
             with the engine's default quorum (None: skip).
+        strategies_epsilon: run the strategy rows (FedProx, FedYogi,
+            FedAdagrad; float and DP at this epsilon) (None: skip).
+        prox_mus: FedProx coefficients tried by the strategy rows.
+        yogi_lrs: FedYogi server learning rates tried by the strategy rows.
+        adagrad_lrs: FedAdagrad server learning rates tried by the strategy rows.
     """
 
     dataset: str
@@ -121,6 +134,10 @@ class FleetPlan:
     selection_seeds: tuple[int, ...] = (0,)
     test_seeds: tuple[int, ...] = (10, 11, 12)
     default_quorum_epsilon: float | None = None
+    strategies_epsilon: float | None = None
+    prox_mus: tuple[float, ...] = ()
+    yogi_lrs: tuple[float, ...] = ()
+    adagrad_lrs: tuple[float, ...] = ()
 
     def grid_size(self, epsilons: int) -> int:
         """Number of (configuration, seed) tuning runs the plan costs."""
@@ -129,6 +146,9 @@ class FleetPlan:
             + len(self.clips) * len(self.servers)
             + epsilons * len(self.dp_rounds) * len(self.dp_clips) * len(self.dp_servers)
         )
+        if self.strategies_epsilon is not None:
+            knobs = len(self.prox_mus) + len(self.yogi_lrs) + len(self.adagrad_lrs)
+            per_seed += knobs * (1 + len(self.dp_rounds))
         return per_seed * len(self.selection_seeds)
 
 
@@ -237,6 +257,10 @@ def full_plan() -> StudyPlan:
             dp_servers=digits_dp_servers,
             selection_seeds=(0, 1),
             default_quorum_epsilon=quorum_eps,
+            strategies_epsilon=8.0,
+            prox_mus=(0.01, 0.1, 1.0),
+            yogi_lrs=(0.03, 0.1, 0.3),
+            adagrad_lrs=(0.03, 0.1, 0.3),
         )
 
     sensor_servers: tuple[Server, ...] = (("fedavg", 1.0), ("fedavg", 2.0), ("fedavg", 4.0))
@@ -277,6 +301,10 @@ def quick_plan() -> StudyPlan:
             selection_seeds=(0,),
             test_seeds=(10, 11),
             default_quorum_epsilon=8.0,
+            strategies_epsilon=8.0,
+            prox_mus=(0.1,),
+            yogi_lrs=(0.1,),
+            adagrad_lrs=(0.1,),
         )
 
     return StudyPlan(
@@ -484,6 +512,55 @@ class _Study:
         cand = _Candidate(cfg, val if math.isfinite(val) else -math.inf, 0)
         return self._finish(fleet, "dp_default_quorum", cand, 1, 0, t0)
 
+    def strategies(
+        self, fleet: FleetPlan, chosen_float: SimConfig, dp_winner: SimConfig
+    ) -> list[Row]:
+        """FedProx, FedYogi and FedAdagrad rows, float and DP (see the module docstring).
+
+        Args:
+            fleet: the grid (``prox_mus``, ``yogi_lrs``, ``adagrad_lrs``, ``dp_rounds``).
+            chosen_float: the ``float`` winner (its local training is kept).
+            dp_winner: the ``dp`` winner at ``fleet.strategies_epsilon`` (its
+                clip, and FedProx's server optimizer, are kept).
+        """
+        variants: list[tuple[str, list[dict[str, Any]]]] = [
+            ("fedprox", [{"prox_mu": mu} for mu in fleet.prox_mus]),
+            ("fedyogi", [{"server_opt": "fedyogi", "server_lr": lr} for lr in fleet.yogi_lrs]),
+            (
+                "fedadagrad",
+                [{"server_opt": "fedadagrad", "server_lr": lr} for lr in fleet.adagrad_lrs],
+            ),
+        ]
+        rows: list[Row] = []
+        for label, knobs in variants:
+            if not knobs:
+                continue
+            t0 = time.perf_counter()
+            configs = [replace(chosen_float, rounds=fleet.max_rounds, **knob) for knob in knobs]
+            best, n, failed = self._early_stopped(fleet, configs)
+            rows.append(self._finish(fleet, f"float_{label}", best, n, failed, t0))
+            t0 = time.perf_counter()
+            cands: list[_Candidate] = []
+            failed = 0
+            for rounds in fleet.dp_rounds:
+                for knob in knobs:
+                    server = {"server_opt": dp_winner.server_opt, "server_lr": dp_winner.server_lr}
+                    cfg = replace(
+                        chosen_float,
+                        setting="dp",
+                        epsilon=dp_winner.epsilon,
+                        rounds=rounds,
+                        clip=dp_winner.clip,
+                        **{**server, **knob},
+                    )
+                    final = float(self.curve(cfg, fleet.selection_seeds)[-1])
+                    failed += int(not math.isfinite(final))
+                    val = final if math.isfinite(final) else -math.inf
+                    cands.append(_Candidate(cfg, val, len(cands)))
+            best = _pick(cands)
+            rows.append(self._finish(fleet, f"dp_{label}", best, len(cands), failed, t0))
+        return rows
+
     # -- test runs and rows -----------------------------------------------------
 
     def _finish(
@@ -519,6 +596,8 @@ class _Study:
             params["value_bits"] = cfg.value_bits
         if setting.startswith("dp"):
             params["min_clients"] = cfg.quorum
+        if cfg.prox_mu > 0:
+            params["prox_mu"] = cfg.prox_mu
         eps = max(spent) if setting.startswith("dp") else None
         row = replace(
             self._row(
@@ -671,6 +750,10 @@ def run_study(
         if q_eps is not None and (fleet.dataset, fleet.devices, q_eps) in dp_configs:
             cfg = dp_configs[(fleet.dataset, fleet.devices, q_eps)]
             rows.append(study.default_quorum(fleet, cfg))
+        s_eps = fleet.strategies_epsilon
+        if s_eps is not None and (fleet.dataset, fleet.devices, s_eps) in dp_configs:
+            cfg = dp_configs[(fleet.dataset, fleet.devices, s_eps)]
+            rows.extend(study.strategies(fleet, chosen_float, cfg))
     largest = max(plan.fleets, key=lambda f: f.devices)
     timing: dict[str, Any] = {"devices": largest.devices, "dataset": largest.dataset}
     for r in rows:
@@ -733,6 +816,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         else:
             rounds = str(p["rounds"])
             local = f"{p['local_epochs']} / {p['lr']:g}"
+            if "prox_mu" in p:
+                local += f" (FedProx mu {p['prox_mu']:g})"
             server = f"{p['server_opt']} {p['server_lr']:g}"
         clip = f"{p['clip']:g}" if "clip" in p else "-"
         acc = f"{100 * r['accuracy']:.2f} ± {100 * r['accuracy_std']:.2f}"
