@@ -58,13 +58,15 @@ metrics_port = 0                     # Prometheus endpoint (needs prometheus-cli
 tick_s = 0.2
 
 [aggregator.optimizer]
-name = "fedavg"                      # fedavg | fedavgm | fedadam
-lr = 1.0
+name = "fedavg"                      # fedavg | fedavgm | fedadam | fedyogi | fedadagrad
+lr = 1.0                             # (docs/strategies.md: each one's settings and defaults)
 
 [aggregator.train]                   # announced to devices as (key, value) pairs
 epochs = 1
 batch_size = 32
 lr = 0.05
+# prox_mu = 0.01                     # FedProx: pull local training toward the global
+                                     # model (0..10, lr * prox_mu < 2; devices check it)
 
 # Optional: a stricter DP calibration than the policy's (never looser: devices
 # and key holders refuse a round outside the policy). Without it the rounds
