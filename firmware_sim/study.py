@@ -285,7 +285,7 @@ def full_plan() -> StudyPlan:
 def quick_plan() -> StudyPlan:
     """A smoke run of every code path in a few seconds (figures meaningless)."""
 
-    def tiny(dataset: str, devices: int) -> FleetPlan:
+    def tiny(dataset: str, devices: int, strategies: bool = False) -> FleetPlan:
         return FleetPlan(
             dataset=dataset,
             devices=devices,
@@ -301,14 +301,14 @@ def quick_plan() -> StudyPlan:
             selection_seeds=(0,),
             test_seeds=(10, 11),
             default_quorum_epsilon=8.0,
-            strategies_epsilon=8.0,
+            strategies_epsilon=8.0 if strategies else None,
             prox_mus=(0.1,),
             yogi_lrs=(0.1,),
             adagrad_lrs=(0.1,),
         )
 
     return StudyPlan(
-        fleets=(tiny("digits", 6), tiny("digits", 10)),
+        fleets=(tiny("digits", 6), tiny("digits", 10, strategies=True)),
         epsilons=(8.0,),
         crypto_round=False,
     )
