@@ -314,6 +314,18 @@ def quick_plan() -> StudyPlan:
     )
 
 
+#: The strategy rows' labels (``float_<label>`` and ``dp_<label>``).
+STRATEGIES = ("fedprox", "fedyogi", "fedadagrad")
+
+
+def strategy_knobs(fleet: FleetPlan, label: str) -> list[dict[str, Any]]:
+    """The configurations a strategy row tries (SimConfig changes), from the fleet's grid."""
+    if label == "fedprox":
+        return [{"prox_mu": mu} for mu in fleet.prox_mus]
+    lrs = {"fedyogi": fleet.yogi_lrs, "fedadagrad": fleet.adagrad_lrs}[label]
+    return [{"server_opt": label, "server_lr": lr} for lr in lrs]
+
+
 @dataclass(slots=True)
 class _Candidate:
     config: SimConfig
@@ -523,43 +535,47 @@ class _Study:
             dp_winner: the ``dp`` winner at ``fleet.strategies_epsilon`` (its
                 clip, and FedProx's server optimizer, are kept).
         """
-        variants: list[tuple[str, list[dict[str, Any]]]] = [
-            ("fedprox", [{"prox_mu": mu} for mu in fleet.prox_mus]),
-            ("fedyogi", [{"server_opt": "fedyogi", "server_lr": lr} for lr in fleet.yogi_lrs]),
-            (
-                "fedadagrad",
-                [{"server_opt": "fedadagrad", "server_lr": lr} for lr in fleet.adagrad_lrs],
-            ),
-        ]
         rows: list[Row] = []
-        for label, knobs in variants:
-            if not knobs:
-                continue
-            t0 = time.perf_counter()
-            configs = [replace(chosen_float, rounds=fleet.max_rounds, **knob) for knob in knobs]
-            best, n, failed = self._early_stopped(fleet, configs)
-            rows.append(self._finish(fleet, f"float_{label}", best, n, failed, t0))
-            t0 = time.perf_counter()
-            cands: list[_Candidate] = []
-            failed = 0
-            for rounds in fleet.dp_rounds:
-                for knob in knobs:
-                    server = {"server_opt": dp_winner.server_opt, "server_lr": dp_winner.server_lr}
-                    cfg = replace(
-                        chosen_float,
-                        setting="dp",
-                        epsilon=dp_winner.epsilon,
-                        rounds=rounds,
-                        clip=dp_winner.clip,
-                        **{**server, **knob},
-                    )
-                    final = float(self.curve(cfg, fleet.selection_seeds)[-1])
-                    failed += int(not math.isfinite(final))
-                    val = final if math.isfinite(final) else -math.inf
-                    cands.append(_Candidate(cfg, val, len(cands)))
-            best = _pick(cands)
-            rows.append(self._finish(fleet, f"dp_{label}", best, len(cands), failed, t0))
+        for label in STRATEGIES:
+            if strategy_knobs(fleet, label):
+                rows.append(self.strategy_float(fleet, label, chosen_float))
+                rows.append(self.strategy_dp(fleet, label, chosen_float, dp_winner))
         return rows
+
+    def strategy_float(self, fleet: FleetPlan, label: str, chosen_float: SimConfig) -> Row:
+        """``float_<label>``: the float winner with the strategy's knob, early-stopped."""
+        t0 = time.perf_counter()
+        configs = [
+            replace(chosen_float, rounds=fleet.max_rounds, **knob)
+            for knob in strategy_knobs(fleet, label)
+        ]
+        best, n, failed = self._early_stopped(fleet, configs)
+        return self._finish(fleet, f"float_{label}", best, n, failed, t0)
+
+    def strategy_dp(
+        self, fleet: FleetPlan, label: str, chosen_float: SimConfig, dp_winner: SimConfig
+    ) -> Row:
+        """``dp_<label>``: the ``dp`` winner's clip, the knob and the rounds chosen on val."""
+        t0 = time.perf_counter()
+        cands: list[_Candidate] = []
+        failed = 0
+        server = {"server_opt": dp_winner.server_opt, "server_lr": dp_winner.server_lr}
+        for rounds in fleet.dp_rounds:
+            for knob in strategy_knobs(fleet, label):
+                cfg = replace(
+                    chosen_float,
+                    setting="dp",
+                    epsilon=dp_winner.epsilon,
+                    rounds=rounds,
+                    clip=dp_winner.clip,
+                    **{**server, **knob},
+                )
+                final = float(self.curve(cfg, fleet.selection_seeds)[-1])
+                failed += int(not math.isfinite(final))
+                val = final if math.isfinite(final) else -math.inf
+                cands.append(_Candidate(cfg, val, len(cands)))
+        best = _pick(cands)
+        return self._finish(fleet, f"dp_{label}", best, len(cands), failed, t0)
 
     # -- test runs and rows -----------------------------------------------------
 

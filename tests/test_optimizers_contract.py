@@ -62,6 +62,7 @@ from aggregator.rounds import (
     round_outcome,
 )
 from aggregator.store import AggregatorStore
+from edge_sdk.errors import ConfigError
 from edge_sdk.pipeline import RoundContext
 from edge_sdk.privacy import DPPolicy, cost_of
 from edge_sdk.protocol import GlobalModel, model_digest
@@ -102,6 +103,31 @@ def test_registry_is_what_the_config_selects() -> None:
         opt = make_optimizer({"name": name})
         assert type(opt) is OPTIMIZERS[name] and opt.name == name
         assert set(optimizer_settings(name)) >= {"lr"}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_settings_are_checked_by_name_type_and_range(name: str) -> None:
+    bad: list[tuple[dict[str, Any], str]] = [
+        ({"lr": 0.0}, "lr must be > 0"),
+        ({"lr": -1.0}, "lr must be > 0"),
+        ({"lr": float("nan")}, "lr must be finite"),
+        ({"lr": "0.1"}, "lr must be a number"),
+        ({"lr": True}, "lr must be a number"),
+        ({"learning_rate": 0.1}, "has no setting 'learning_rate'"),
+    ]
+    settings = optimizer_settings(name)
+    for key in ("momentum", "beta1", "beta2"):
+        if key in settings:
+            bad += [({key: 1.0}, f"{key} must be in \\[0, 1\\)"), ({key: -0.1}, key)]
+    if "tau" in settings:
+        bad += [({"tau": 0.0}, "tau must be > 0"), ({"tau": float("inf")}, "tau must be finite")]
+    for change, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            make_optimizer({"name": name, **change})
+    # every setting reaches the optimizer (a value other than its default)
+    for key, default in settings.items():
+        value = default / 2 if default else 0.5
+        assert getattr(make_optimizer({"name": name, key: value}), key) == value
 
 
 # ---------------------------------------------------------------- crash safety
