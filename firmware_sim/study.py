@@ -259,8 +259,8 @@ def full_plan() -> StudyPlan:
             default_quorum_epsilon=quorum_eps,
             strategies_epsilon=8.0,
             prox_mus=(0.01, 0.1, 1.0),
-            yogi_lrs=(0.03, 0.1, 0.3),
-            adagrad_lrs=(0.03, 0.1, 0.3),
+            yogi_lrs=(0.03, 0.1, 0.3, 1.0),
+            adagrad_lrs=(0.03, 0.1, 0.3, 1.0),
         )
 
     sensor_servers: tuple[Server, ...] = (("fedavg", 1.0), ("fedavg", 2.0), ("fedavg", 4.0))
