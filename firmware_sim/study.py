@@ -607,7 +607,7 @@ class _Study:
             "server_opt": cfg.server_opt,
             "server_lr": cfg.server_lr,
         }
-        if setting != "float":
+        if not setting.startswith("float"):
             params["clip"] = cfg.clip
             params["value_bits"] = cfg.value_bits
         if setting.startswith("dp"):
