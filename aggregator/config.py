@@ -69,13 +69,15 @@ commit_max_ms = 5                    # ...and most ms an accepted update waits f
                                      # receipts are sent only once their batch is on disk
 
 [aggregator.optimizer]
-name = "fedavg"                      # fedavg | fedavgm | fedadam
-lr = 1.0
+name = "fedavg"                      # fedavg | fedavgm | fedadam | fedyogi | fedadagrad
+lr = 1.0                             # (docs/strategies.md: each one's settings and defaults)
 
 [aggregator.train]                   # announced to devices as (key, value) pairs
 epochs = 1
 batch_size = 32
 lr = 0.05
+# prox_mu = 0.01                     # FedProx: pull local training toward the global
+                                     # model (0..10, lr * prox_mu < 2; devices check it)
 
 # Optional: a stricter DP calibration than the policy's (never looser: devices
 # and key holders refuse a round outside the policy). Without it the rounds

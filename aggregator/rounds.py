@@ -494,7 +494,21 @@ class RoundMachine:
     # -- restore -----------------------------------------------------------
 
     def restore(self, snapshot: Snapshot) -> None:
-        """Load durable state (before :class:`Start`)."""
+        """Load durable state (before :class:`Start`).
+
+        Raises:
+            ValueError: the stored model has another dimension than the plan.
+            OptimizerStateError: the optimizer state stored with the model is
+                another optimizer's, corrupt, or for another dimension.
+        """
+        if snapshot.model.num_params != self.plan.dimension:
+            raise ValueError(
+                f"the stored model has {snapshot.model.num_params} parameters, the plan "
+                f"{self.plan.dimension}: the store belongs to another model"
+            )
+        # The state stored with this model, checked before anything changes
+        # (load_state validates the whole record before it sets any of it).
+        self.optimizer.load_state(snapshot.optimizer_state, dimension=self.plan.dimension)
         self._snapshot = snapshot
         rec = snapshot.current
         self._record = rec
@@ -503,7 +517,6 @@ class RoundMachine:
         self._set_layout(PackingSpec.from_bytes(ann.packing), noise_digest(ann.privacy))
         self._clip = _announced_clip(ann, self.plan.clip)
         self._model = snapshot.model
-        self.optimizer.load_state(snapshot.optimizer_state)
         if snapshot.count:
             vector = CiphertextVector.from_bytes(snapshot.sum_blob, self.public_key, self._num_ct)
             self._acc = CiphertextAccumulator.from_vector(vector, snapshot.count)
@@ -554,6 +567,9 @@ class RoundMachine:
         if self._record is None:
             if self._initial is None:
                 raise ValueError("first start needs initial_weights")
+            # A new model starts a fresh optimizer: momentum or moments left in
+            # the object from another run would otherwise step the new model.
+            self.optimizer.load_state(b"")
             weights = self._initial.astype("<f4").tobytes()
             parent = bytes(32)
             model = self._sign(

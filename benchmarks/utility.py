@@ -2,7 +2,9 @@
 
 ``edgefl bench utility --json FILE`` runs :func:`firmware_sim.study.full_plan`
 (digits with 20 and 50 devices, the synthetic ``sensor`` task with 1,000
-devices; about 15 minutes of CPU); ``--quick`` runs a tiny plan in seconds
+devices; about 15 minutes of CPU, plus the strategy rows: FedProx, FedYogi
+and FedAdagrad on the digits fleets, float and at epsilon 8); ``--quick``
+runs a tiny plan in seconds
 (figures meaningless, structure identical). Every setting is tuned on the
 validation split and reported on the test split; see docs/results.md for
 the grids, the selection rule and the results.

@@ -33,6 +33,7 @@ def _config(args: argparse.Namespace) -> Any:
             local_epochs=args.local_epochs,
             batch_size=args.batch_size,
             lr=args.lr,
+            prox_mu=args.prox_mu,
             server_lr=args.server_lr,
             server_opt=args.server_opt,
             min_clients=args.min_clients,
@@ -81,6 +82,7 @@ def _cmd_run_fleet(args: argparse.Namespace) -> int:
             local_epochs=args.local_epochs,
             batch_size=args.batch_size,
             lr=args.lr,
+            prox_mu=args.prox_mu,
             server_opt=args.server_opt,
             server_lr=args.server_lr,
             broker=args.broker,
@@ -246,6 +248,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def register(parser: argparse.ArgumentParser) -> None:
     """Add the ``sim`` subcommands to ``parser``."""
+    from aggregator.optimizers import OPTIMIZERS
     from firmware_sim.datasets import DATASETS
     from firmware_sim.engine import MODELS, SETTINGS
 
@@ -288,7 +291,13 @@ def register(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--batch-size", type=int, default=16)
     run.add_argument("--lr", type=float, default=0.1, help="device learning rate")
     run.add_argument("--server-lr", type=float, default=1.0)
-    run.add_argument("--server-opt", choices=("fedavg", "fedavgm", "fedadam"), default="fedavg")
+    run.add_argument("--server-opt", choices=sorted(OPTIMIZERS), default="fedavg")
+    run.add_argument(
+        "--prox-mu",
+        type=float,
+        default=0.0,
+        help="FedProx proximal coefficient announced to the devices (0: off)",
+    )
     run.add_argument("--min-clients", type=int, help="quorum (default: half the expected)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument(

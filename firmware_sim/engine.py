@@ -73,7 +73,7 @@ from aggregator.keyholder import exchange
 from aggregator.optimizers import make_optimizer
 from aggregator.planning import AdaptiveClipPlan, EvaluationPlan, RoundPlan, plan_rounds
 from edge_sdk.agent import session as dev
-from edge_sdk.agent.trainer import ModelTrainer
+from edge_sdk.agent.trainer import ModelTrainer, check_round_training
 from edge_sdk.crypto import (
     ObfuscatorPool,
     PaillierPublicKey,
@@ -156,6 +156,7 @@ class SimConfig:
     batch_size: int = 16
     lr: float = 0.1
     momentum: float = 0.0
+    prox_mu: float = 0.0
     server_opt: str = "fedavg"
     server_lr: float = 1.0
     min_clients: int | None = None
@@ -195,6 +196,8 @@ class SimConfig:
             raise ValueError(f"min_clients must be in [1, devices], got {self.min_clients}")
         if self.evaluate_every < 0 or self.eval_max_examples < 1 or not self.eval_noise > 0:
             raise ValueError("evaluate_every must be >= 0, eval_max_examples >= 1, eval_noise > 0")
+        # the local training settings, checked as [aggregator.train] is
+        TrainConfig(lr=self.lr, momentum=self.momentum, prox_mu=self.prox_mu)
 
     @property
     def expected_clients(self) -> int:
@@ -537,6 +540,8 @@ class _Simulation:
                 ("epochs", config.local_epochs),
                 ("lr", config.lr),
                 ("momentum", config.momentum),
+                # FedProx only when asked for: other runs' announcements stay as they were
+                *((("prox_mu", config.prox_mu),) if config.prox_mu > 0 else ()),
             ),
         )
         # The committee's members witness every update as a broker would
@@ -682,6 +687,10 @@ class _Simulation:
             correct, losses = per_example_results(self.model, *device.held_out)
             extras = evaluation_values(correct, losses, ctx.packing)
         train = ann.train_config()
+        try:  # as the agent: the announced training settings, checked before training
+            check_round_training(device.trainer, train)
+        except RemoteProtocolError as exc:
+            return fail(exc.reason, str(exc))
         seed = self.config.seed * 100_003 + ann.round_id * 1009 + device.index
         trained = device.trainer.train(device.weights.copy(), train, seed=seed)
         delta = trained.weights.astype(np.float64) - device.weights.astype(np.float64)

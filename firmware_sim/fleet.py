@@ -64,6 +64,7 @@ from edge_sdk.agent import (
 from edge_sdk.crypto import load_public_key
 from edge_sdk.errors import EdgeFLError
 from edge_sdk.identity import DeviceIdentity, DeviceRegistry
+from edge_sdk.models import TrainConfig
 from edge_sdk.policy import FederationPolicy
 from edge_sdk.privacy import compose_epsilon, round_cost
 from edge_sdk.transport import MqttTransport, TransportConfig
@@ -158,6 +159,7 @@ class FleetConfig:
     local_epochs: int = 2
     batch_size: int = 16
     lr: float = 0.1
+    prox_mu: float = 0.0
     server_opt: str = "fedavg"
     server_lr: float = 1.0
     key_bits: int = 2048
@@ -195,6 +197,7 @@ class FleetConfig:
             raise ValueError("credentials and TLS options need a broker url (mqtts:// for TLS)")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
+        TrainConfig(lr=self.lr, prox_mu=self.prox_mu)  # as [aggregator.train] is checked
 
     @property
     def quorum(self) -> int:
@@ -580,7 +583,12 @@ class Fleet:
             target_clients=cfg.devices,
             round_duration_ms=int(cfg.round_duration_s * 1000),
             rounds=cfg.rounds,
-            train=(("batch_size", cfg.batch_size), ("epochs", cfg.local_epochs), ("lr", cfg.lr)),
+            train=(
+                ("batch_size", cfg.batch_size),
+                ("epochs", cfg.local_epochs),
+                ("lr", cfg.lr),
+                *((("prox_mu", cfg.prox_mu),) if cfg.prox_mu > 0 else ()),
+            ),
         )
         machine = RoundMachine(
             round_config,

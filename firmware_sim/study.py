@@ -23,6 +23,14 @@ accuracy (on their shares of the validation split) printed next to the
 central test accuracy of the same model. Evaluation costs epsilon, so the
 DP runs there calibrate their model noise for it (their test accuracy is not
 the row's).
+* strategies (optional, :attr:`FleetPlan.strategies_epsilon`):
+  ``float_fedprox``, ``float_fedyogi``, ``float_fedadagrad`` and
+  ``dp_fedprox``, ``dp_fedyogi``, ``dp_fedadagrad`` at one epsilon. Each
+  keeps the float winner's local training (and, under DP, the ``dp``
+  winner's clip at that epsilon) and tunes only its own knob: the FedProx
+  ``prox_mu`` (with the winner's server optimizer), or the server learning
+  rate of FedYogi / FedAdagrad; float rows early-stop on validation like
+  ``float``, DP rows also choose the rounds from ``dp_rounds``.
 
 Every setting is tuned on the VALIDATION split only (``eval_split="val"``)
 over a fixed grid; the configuration with the best mean validation accuracy
@@ -128,6 +136,11 @@ class FleetPlan:
             with the engine's default quorum (None: skip).
         adaptive_epsilons: epsilons of the ``dp_adaptive`` rows.
         headline_epsilon: the epsilon of the federated-evaluation runs.
+        strategies_epsilon: run the strategy rows (FedProx, FedYogi,
+            FedAdagrad; float and DP at this epsilon) (None: skip).
+        prox_mus: FedProx coefficients tried by the strategy rows.
+        yogi_lrs: FedYogi server learning rates tried by the strategy rows.
+        adagrad_lrs: FedAdagrad server learning rates tried by the strategy rows.
     """
 
     dataset: str
@@ -146,6 +159,10 @@ class FleetPlan:
     default_quorum_epsilon: float | None = None
     adaptive_epsilons: tuple[float, ...] = ()
     headline_epsilon: float | None = None
+    strategies_epsilon: float | None = None
+    prox_mus: tuple[float, ...] = ()
+    yogi_lrs: tuple[float, ...] = ()
+    adagrad_lrs: tuple[float, ...] = ()
 
     def grid_size(self, epsilons: int) -> int:
         """Number of (configuration, seed) tuning runs the plan costs."""
@@ -154,6 +171,9 @@ class FleetPlan:
             + len(self.clips) * len(self.servers)
             + epsilons * len(self.dp_rounds) * len(self.dp_clips) * len(self.dp_servers)
         )
+        if self.strategies_epsilon is not None:
+            knobs = len(self.prox_mus) + len(self.yogi_lrs) + len(self.adagrad_lrs)
+            per_seed += knobs * (1 + len(self.dp_rounds))
         return per_seed * len(self.selection_seeds)
 
 
@@ -264,6 +284,10 @@ def full_plan() -> StudyPlan:
             default_quorum_epsilon=quorum_eps,
             adaptive_epsilons=(1.0, 8.0),
             headline_epsilon=8.0,
+            strategies_epsilon=8.0,
+            prox_mus=(0.01, 0.1, 1.0),
+            yogi_lrs=(0.03, 0.1, 0.3, 1.0),
+            adagrad_lrs=(0.03, 0.1, 0.3, 1.0),
         )
 
     sensor_servers: tuple[Server, ...] = (("fedavg", 1.0), ("fedavg", 2.0), ("fedavg", 4.0))
@@ -290,7 +314,7 @@ def full_plan() -> StudyPlan:
 def quick_plan() -> StudyPlan:
     """A smoke run of every code path in a few seconds (figures meaningless)."""
 
-    def tiny(dataset: str, devices: int) -> FleetPlan:
+    def tiny(dataset: str, devices: int, strategies: bool = False) -> FleetPlan:
         return FleetPlan(
             dataset=dataset,
             devices=devices,
@@ -308,13 +332,29 @@ def quick_plan() -> StudyPlan:
             default_quorum_epsilon=8.0,
             adaptive_epsilons=(8.0,),
             headline_epsilon=8.0,
+            strategies_epsilon=8.0 if strategies else None,
+            prox_mus=(0.1,),
+            yogi_lrs=(0.1,),
+            adagrad_lrs=(0.1,),
         )
 
     return StudyPlan(
-        fleets=(tiny("digits", 6), tiny("digits", 10)),
+        fleets=(tiny("digits", 6), tiny("digits", 10, strategies=True)),
         epsilons=(8.0,),
         crypto_round=False,
     )
+
+
+#: The strategy rows' labels (``float_<label>`` and ``dp_<label>``).
+STRATEGIES = ("fedprox", "fedyogi", "fedadagrad")
+
+
+def strategy_knobs(fleet: FleetPlan, label: str) -> list[dict[str, Any]]:
+    """The configurations a strategy row tries (SimConfig changes), from the fleet's grid."""
+    if label == "fedprox":
+        return [{"prox_mu": mu} for mu in fleet.prox_mus]
+    lrs = {"fedyogi": fleet.yogi_lrs, "fedadagrad": fleet.adagrad_lrs}[label]
+    return [{"server_opt": label, "server_lr": lr} for lr in lrs]
 
 
 @dataclass(slots=True)
@@ -600,6 +640,59 @@ class _Study:
         cand = _Candidate(cfg, val if math.isfinite(val) else -math.inf, 0)
         return self._finish(fleet, "dp_default_quorum", cand, 1, 0, t0)
 
+    def strategies(
+        self, fleet: FleetPlan, chosen_float: SimConfig, dp_winner: SimConfig
+    ) -> list[Row]:
+        """FedProx, FedYogi and FedAdagrad rows, float and DP (see the module docstring).
+
+        Args:
+            fleet: the grid (``prox_mus``, ``yogi_lrs``, ``adagrad_lrs``, ``dp_rounds``).
+            chosen_float: the ``float`` winner (its local training is kept).
+            dp_winner: the ``dp`` winner at ``fleet.strategies_epsilon`` (its
+                clip, and FedProx's server optimizer, are kept).
+        """
+        rows: list[Row] = []
+        for label in STRATEGIES:
+            if strategy_knobs(fleet, label):
+                rows.append(self.strategy_float(fleet, label, chosen_float))
+                rows.append(self.strategy_dp(fleet, label, chosen_float, dp_winner))
+        return rows
+
+    def strategy_float(self, fleet: FleetPlan, label: str, chosen_float: SimConfig) -> Row:
+        """``float_<label>``: the float winner with the strategy's knob, early-stopped."""
+        t0 = time.perf_counter()
+        configs = [
+            replace(chosen_float, rounds=fleet.max_rounds, **knob)
+            for knob in strategy_knobs(fleet, label)
+        ]
+        best, n, failed = self._early_stopped(fleet, configs)
+        return self._finish(fleet, f"float_{label}", best, n, failed, t0)
+
+    def strategy_dp(
+        self, fleet: FleetPlan, label: str, chosen_float: SimConfig, dp_winner: SimConfig
+    ) -> Row:
+        """``dp_<label>``: the ``dp`` winner's clip, the knob and the rounds chosen on val."""
+        t0 = time.perf_counter()
+        cands: list[_Candidate] = []
+        failed = 0
+        server = {"server_opt": dp_winner.server_opt, "server_lr": dp_winner.server_lr}
+        for rounds in fleet.dp_rounds:
+            for knob in strategy_knobs(fleet, label):
+                cfg = replace(
+                    chosen_float,
+                    setting="dp",
+                    epsilon=dp_winner.epsilon,
+                    rounds=rounds,
+                    clip=dp_winner.clip,
+                    **{**server, **knob},
+                )
+                final = float(self.curve(cfg, fleet.selection_seeds)[-1])
+                failed += int(not math.isfinite(final))
+                val = final if math.isfinite(final) else -math.inf
+                cands.append(_Candidate(cfg, val, len(cands)))
+        best = _pick(cands)
+        return self._finish(fleet, f"dp_{label}", best, len(cands), failed, t0)
+
     # -- test runs and rows -----------------------------------------------------
 
     def _finish(
@@ -637,11 +730,13 @@ class _Study:
             params["adaptive"] = dict(ADAPTIVE)
             params["final_clips"] = [round(c, 4) for c in final_clips]
             params["value_bits"] = cfg.value_bits
-        elif setting != "float":
+        elif not setting.startswith("float"):
             params["clip"] = cfg.clip
             params["value_bits"] = cfg.value_bits
         if setting.startswith("dp"):
             params["min_clients"] = cfg.quorum
+        if cfg.prox_mu > 0:
+            params["prox_mu"] = cfg.prox_mu
         eps = max(spent) if setting.startswith("dp") else None
         row = replace(
             self._row(
@@ -808,6 +903,10 @@ def run_study(
         adaptive_rows, evaluations = _learning_rows(study, fleet, chosen_float, rows, dp_configs)
         rows += adaptive_rows
         federated += evaluations
+        s_eps = fleet.strategies_epsilon
+        if s_eps is not None and (fleet.dataset, fleet.devices, s_eps) in dp_configs:
+            cfg = dp_configs[(fleet.dataset, fleet.devices, s_eps)]
+            rows.extend(study.strategies(fleet, chosen_float, cfg))
     largest = max(plan.fleets, key=lambda f: f.devices)
     timing: dict[str, Any] = {"devices": largest.devices, "dataset": largest.dataset}
     for r in rows:
@@ -995,6 +1094,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         else:
             rounds = str(p["rounds"])
             local = f"{p['local_epochs']} / {p['lr']:g}"
+            if "prox_mu" in p:
+                local += f" (FedProx mu {p['prox_mu']:g})"
             server = f"{p['server_opt']} {p['server_lr']:g}"
         if p.get("clip") == "adaptive":
             clip = "adaptive (" + ", ".join(f"{c:.2g}" for c in p.get("final_clips", [])) + ")"

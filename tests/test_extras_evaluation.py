@@ -380,11 +380,14 @@ def test_at_a_fixed_target_the_extras_raise_the_model_noise_as_docs_privacy_stat
 
 
 def test_learning_tables_refuse_unknown_keys_and_a_clip_range_outside_the_policy() -> None:
-    from aggregator.config import _learning_tables
+    from aggregator.config import AggregatorTable, _learning_tables
     from edge_sdk.errors import ConfigError
 
+    def agg(**tables: object) -> AggregatorTable:
+        return AggregatorTable(federation="f", dimension=4, min_clients=1, **tables)  # type: ignore[arg-type]
+
     with pytest.raises(ConfigError, match="unknown"):
-        _learning_tables({"evaluation": {"evry": 2}}, None)
+        _learning_tables(agg(evaluation={"evry": 2}), None)
 
     class _Policy:
         adaptive_clip = True
@@ -392,15 +395,15 @@ def test_learning_tables_refuse_unknown_keys_and_a_clip_range_outside_the_policy
         min_clip = 0.05
 
     evaluation, adaptive = _learning_tables(
-        {"evaluation": {"every": 3}, "adaptive_clip": {"initial_clip": 0.1}}, _Policy()
+        agg(evaluation={"every": 3}, adaptive_clip={"initial_clip": 0.1}), _Policy()
     )
     assert evaluation is not None and evaluation.every == 3
     assert adaptive is not None and (adaptive.min_clip, adaptive.max_clip) == (0.05, 1.0)
     with pytest.raises(ConfigError, match="outside the policy"):
-        _learning_tables({"adaptive_clip": {"max_clip": 5.0, "initial_clip": 0.1}}, _Policy())
+        _learning_tables(agg(adaptive_clip={"max_clip": 5.0, "initial_clip": 0.1}), _Policy())
     _Policy.adaptive_clip = False
     with pytest.raises(ConfigError, match="does not allow"):
-        _learning_tables({"adaptive_clip": {}}, _Policy())
+        _learning_tables(agg(adaptive_clip={}), _Policy())
 
 
 def test_the_version_2_bytes_follow_docs_packing_md() -> None:

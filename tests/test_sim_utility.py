@@ -60,6 +60,12 @@ def test_quick_bench_has_one_row_per_fleet_and_setting(quick_json: dict[str, Any
         dp_targets = sorted(e for s, e in settings if s == "dp")
         assert dp_targets == sorted(plan.epsilons)
         assert len(settings) == len(set(settings))
+        eps = fleet.strategies_epsilon
+        if eps is None:
+            assert not any("fed" in s for s, _ in settings)
+            continue
+        for name in ("fedprox", "fedyogi", "fedadagrad"):
+            assert (f"float_{name}", None) in settings and (f"dp_{name}", eps) in settings
     assert quick_json["meta"]["quick"] is True
 
 
@@ -119,11 +125,12 @@ def test_test_split_is_used_only_for_the_chosen_configurations(
             if (c.dataset, c.devices, c.setting) == (row["dataset"], row["devices"], setting)
             and (c.rounds, c.server_opt, c.server_lr)
             == (p["rounds"], p["server_opt"], p["server_lr"])
-            and (setting in ("float", "dp_adaptive") or c.clip == p["clip"])
+            and (setting.startswith("float") or setting == "dp_adaptive" or c.clip == p["clip"])
             and (
                 not setting.startswith("dp")
                 or (c.epsilon, c.min_clients) == (row["epsilon_target"], quorum)
             )
+            and c.prox_mu == p.get("prox_mu", 0.0)
         }
         assert mine == set(seeds[(row["dataset"], row["devices"])]), row
     assert evaluation_calls and len(result["federated_evaluation"]) <= len(evaluation_calls)
@@ -194,3 +201,25 @@ def test_format_table_has_a_line_per_row(quick_json: dict[str, Any]) -> None:
     assert len(table) == 2 + len(quick_json["rows"])
     first = quick_json["rows"][0]
     assert f"{100 * first['accuracy']:.2f}" in table[2] and first["setting"] in table[2]
+
+
+def test_strategy_rows_tune_only_their_own_knob(quick_json: dict[str, Any]) -> None:
+    rows = {(r["dataset"], r["devices"], r["setting"]): r for r in quick_json["rows"]}
+    for (ds, n, setting), row in rows.items():
+        if not setting.endswith(("_fedprox", "_fedyogi", "_fedadagrad")):
+            continue
+        p = row["params"]
+        base = rows[(ds, n, "float")]["params"]
+        assert (p["local_epochs"], p["lr"]) == (base["local_epochs"], base["lr"])
+        if setting.endswith("_fedprox"):
+            assert p["prox_mu"] > 0
+        else:
+            assert p["server_opt"] == setting.split("_")[1] and "prox_mu" not in p
+        if setting.startswith("dp_"):
+            dp = next(
+                r
+                for r in quick_json["rows"]
+                if (r["dataset"], r["devices"], r["setting"], r["epsilon_target"])
+                == (ds, n, "dp", row["epsilon_target"])
+            )
+            assert p["clip"] == dp["params"]["clip"]

@@ -15,6 +15,7 @@ from edge_sdk.agent.trainer import (
     Trainer,
     TrainerContractError,
     TrainResult,
+    check_round_training,
     load_trainer,
     train_config_from,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "TrainResult",
     "Trainer",
     "TrainerContractError",
+    "check_round_training",
     "load_device_config",
     "load_trainer",
     "run_device",

@@ -60,6 +60,7 @@ from edge_sdk.agent.trainer import (
     TrainResult,
     check_evaluate_result,
     check_fit_result,
+    check_round_training,
 )
 from edge_sdk.crypto import (
     BackgroundFill,
@@ -575,6 +576,10 @@ class DeviceAgent:
                 return fail("budget_exhausted", str(exc))
         if self.weights is None or self.model is None:
             return fail("no_model")
+        try:  # the announced training settings, checked before any training
+            check_round_training(self.trainer, ann.train_config())
+        except RemoteProtocolError as exc:
+            return fail(exc.reason, str(exc))
         extras = None
         if ctx.evaluate:
             # federated evaluation of the received global model on local data

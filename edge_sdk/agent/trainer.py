@@ -33,7 +33,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
-from edge_sdk.errors import ConfigError, ModelError
+from edge_sdk.errors import ConfigError, ModelError, RemoteProtocolError
 from edge_sdk.models import Model, TrainConfig
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "TrainerContractError",
     "check_evaluate_result",
     "check_fit_result",
+    "check_round_training",
     "load_trainer",
     "train_config_from",
 ]
@@ -259,6 +260,43 @@ def check_evaluate_result(trainer: object, result: object) -> EvaluateResult:
     return result
 
 
+def check_round_training(trainer: object, settings: Mapping[str, Any]) -> TrainConfig:
+    """Check a round's announced ``train`` settings on the device, before it trains.
+
+    The settings come from the aggregator (signed, but the aggregator is the
+    party the design defends against): every known key must make a valid
+    :class:`~edge_sdk.models.TrainConfig` over the trainer's own defaults
+    (``prox_mu`` in ``[0, MAX_PROX_MU]`` with ``lr * prox_mu < 2``, a
+    positive ``lr``, ...). FedProx (``prox_mu > 0``) also needs a trainer that
+    applies it: :class:`ModelTrainer` does (numpy linear and ONNX models
+    alike); a trainer of your own must say so with ``supports_prox_mu =
+    True``, otherwise the round is refused rather than trained without the
+    proximal term the federation asked for.
+
+    Returns:
+        The settings as a TrainConfig.
+
+    Raises:
+        RemoteProtocolError: ``bad_train_settings`` or ``prox_unsupported``
+            (the device skips the round with that reason).
+    """
+    base = trainer.base if isinstance(trainer, ModelTrainer) else None
+    try:
+        config = train_config_from(settings, base)
+    except (TypeError, ValueError) as exc:
+        raise RemoteProtocolError(
+            f"the round's train settings are invalid: {exc}", reason="bad_train_settings"
+        ) from None
+    if config.prox_mu > 0 and not getattr(trainer, "supports_prox_mu", False):
+        raise RemoteProtocolError(
+            f"the round asks for FedProx (prox_mu {config.prox_mu:g}) but "
+            f"{type(trainer).__name__} does not apply it: add the term "
+            "prox_mu * (w - weights) to its gradient and set supports_prox_mu = True",
+            reason="prox_unsupported",
+        )
+    return config
+
+
 def train_config_from(settings: Mapping[str, Any], base: TrainConfig | None = None) -> TrainConfig:
     """Build a TrainConfig from a round's ``train`` pairs over ``base`` defaults.
 
@@ -280,6 +318,9 @@ class ModelTrainer:
         base: training defaults that round settings override.
         eval_data: ``(x, y)`` that :meth:`evaluate` uses (default: ``x``, ``y``).
     """
+
+    #: :meth:`fit` applies the round's ``prox_mu`` (FedProx) through the model's SGD.
+    supports_prox_mu = True
 
     def __init__(
         self,

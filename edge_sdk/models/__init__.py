@@ -8,6 +8,7 @@ decay, FedProx), ``evaluate`` and ``predict``. See docs/models.md.
 from __future__ import annotations
 
 from edge_sdk.models.base import (
+    MAX_PROX_MU,
     FloatArray,
     Model,
     SGDTrainable,
@@ -29,6 +30,7 @@ from edge_sdk.models.torch_export import export_torch
 
 __all__ = [
     "LOSSES",
+    "MAX_PROX_MU",
     "SUPPORTED_OPERATORS",
     "FloatArray",
     "LinearRegression",

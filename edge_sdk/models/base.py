@@ -28,6 +28,7 @@ from edge_sdk.errors import ModelError
 from edge_sdk.protocol.limits import MAX_PARAMS
 
 __all__ = [
+    "MAX_PROX_MU",
     "FloatArray",
     "Model",
     "TrainConfig",
@@ -40,6 +41,10 @@ FloatArray = NDArray[np.float32]
 
 #: Largest flat weight vector accepted (a bound on untrusted model files).
 MAX_PARAMETERS = MAX_PARAMS  # the protocol's limit (edge_sdk/protocol/limits.py)
+
+#: Largest FedProx coefficient accepted. FedProx (Li et al. 2020) tunes mu in
+#: [0.001, 1]; beyond 10 local training barely leaves the global model.
+MAX_PROX_MU = 10.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -169,9 +174,11 @@ class TrainConfig:
         momentum: heavy-ball momentum in [0, 1); the buffer starts at zero each
             ``fit`` call (PyTorch's SGD semantics, dampening 0, no Nesterov).
         weight_decay: L2 penalty coefficient added to the gradient (>= 0).
-        prox_mu: FedProx proximal coefficient (>= 0): adds
+        prox_mu: FedProx proximal coefficient in ``[0, MAX_PROX_MU]``: adds
             ``prox_mu * (w - w_global)`` to the gradient, pulling local training
-            toward the global model on heterogeneous devices.
+            toward the global model on heterogeneous devices. ``lr * prox_mu``
+            must be below 2: beyond it the proximal step alone overshoots the
+            global model by more than it started from, and training diverges.
         max_steps: stop after this many SGD steps (None = run all epochs).
     """
 
@@ -209,6 +216,13 @@ class TrainConfig:
             raise ValueError(f"weight_decay cannot be negative. Found {self.weight_decay!r}")
         if self.prox_mu < 0:
             raise ValueError(f"prox_mu cannot be negative. Found {self.prox_mu!r}")
+        if self.prox_mu > MAX_PROX_MU:
+            raise ValueError(f"prox_mu must be <= {MAX_PROX_MU:g}. Found {self.prox_mu!r}")
+        if self.lr * self.prox_mu >= 2.0:
+            raise ValueError(
+                f"lr * prox_mu must be < 2 (the proximal step would overshoot the global "
+                f"model and diverge). Found lr {self.lr!r}, prox_mu {self.prox_mu!r}"
+            )
         if self.max_steps is not None and (
             isinstance(self.max_steps, bool)
             or not isinstance(self.max_steps, int)
