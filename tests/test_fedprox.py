@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from aggregator.config import _train_table
+from aggregator.config import AggregatorTable, _train_table
 from edge_sdk.agent import FitResult, ModelTrainer, check_round_training
 from edge_sdk.errors import ConfigError, RemoteProtocolError
 from edge_sdk.models import MAX_PROX_MU, Model, OnnxModel, SoftmaxRegression, TrainConfig, zoo
@@ -94,7 +94,7 @@ def test_out_of_bounds_prox_mu_is_refused_on_the_device_and_at_config_load(
         check_round_training(trainer, settings)
     assert info.value.reason == "bad_train_settings"
     with pytest.raises(ConfigError, match=reason):
-        _train_table({"train": settings})
+        _train_table(AggregatorTable(federation="f", dimension=3, min_clients=1, train=settings))
 
 
 class _OwnTrainer:
