@@ -264,6 +264,37 @@ class FederationPolicy:
                 f"above its own target {noise.epsilon_target} (too little noise for the clip)"
             )
 
+    def check_lifetime(self, ledger: Any, cost: Any) -> float:
+        """Refuse a participation that would take a device past the policy's total epsilon.
+
+        Every announcement is checked on its own by :meth:`check_noise`; this
+        is the check across announcements: the device's whole history (its
+        ledger) plus this round, composed at the policy's delta, must stay
+        within the policy's epsilon, whatever each announcement claims about
+        its own horizon (an aggregator re-planning every round for
+        ``rounds = 1``, or adding evaluation slots, still stops here). The
+        device's own ``budget_epsilon`` is a second, independent cap.
+
+        Args:
+            ledger: the device's :class:`~edge_sdk.privacy.PrivacyLedger`.
+            cost: this round's :class:`~edge_sdk.privacy.PrivacyCost`.
+
+        Returns:
+            The epsilon at the policy's delta after this round.
+
+        Raises:
+            BudgetExhaustedError: it would exceed the policy's epsilon.
+        """
+        from edge_sdk.errors import BudgetExhaustedError
+
+        after = float(ledger.epsilon_if(cost, delta=self.delta))
+        if after > self.epsilon * (1 + 1e-9):
+            raise BudgetExhaustedError(
+                f"taking part would raise epsilon to {after:.6g} at delta {self.delta:g}, above "
+                f"the federation policy's total {self.epsilon:g}"
+            )
+        return after
+
     def quorum(self, noise: Any) -> int:
         """Fewest contributions a member may decrypt for a round with this noise spec."""
         if noise is None or self.mode != "distributed":

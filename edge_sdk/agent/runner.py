@@ -574,6 +574,11 @@ class DeviceAgent:
                 self.ledger.check(cost)
             except BudgetExhaustedError as exc:
                 return fail("budget_exhausted", str(exc))
+            if self.policy is not None:
+                try:  # the policy's total, across every announcement so far
+                    self.policy.check_lifetime(self.ledger, cost)
+                except BudgetExhaustedError as exc:
+                    return fail("policy_budget_exhausted", str(exc))
         if self.weights is None or self.model is None:
             return fail("no_model")
         try:  # the announced training settings, checked before any training

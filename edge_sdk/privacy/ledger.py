@@ -278,9 +278,14 @@ class PrivacyLedger:
         """Central epsilon still available (never negative)."""
         return max(0.0, self._budget - self.spent())
 
-    def epsilon_if(self, cost: PrivacyCost) -> float:
-        """Central epsilon spent if one more participation at ``cost`` were recorded."""
-        return self._epsilon(self._entries, cost, "central")
+    def epsilon_if(self, cost: PrivacyCost, *, delta: float | None = None) -> float:
+        """Central epsilon spent if one more participation at ``cost`` were recorded.
+
+        Args:
+            cost: the participation.
+            delta: the delta to state it at (default: the ledger's own).
+        """
+        return self._epsilon(self._entries, cost, "central", delta)
 
     def check(self, cost: PrivacyCost) -> float:
         """Validate one more participation at ``cost`` without recording it.
@@ -368,7 +373,11 @@ class PrivacyLedger:
     # ------------------------------------------------------------------ internals
 
     def _epsilon(
-        self, entries: tuple[LedgerEntry, ...], extra: PrivacyCost | None, which: Which
+        self,
+        entries: tuple[LedgerEntry, ...],
+        extra: PrivacyCost | None,
+        which: Which,
+        delta: float | None = None,
     ) -> float:
         # Group identical costs so that k equal rounds compose as k * curve,
         # exactly the figure the calibration checked.
@@ -377,7 +386,7 @@ class PrivacyLedger:
             key = _canonical(cost.to_dict())
             prev = groups.get(key)
             groups[key] = (cost, 1 if prev is None else prev[1] + 1)
-        return compose_epsilon(groups.values(), self._delta, which)
+        return compose_epsilon(groups.values(), self._delta if delta is None else delta, which)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
