@@ -124,9 +124,18 @@ def check_slots(extras: Sequence[ExtraSlot], noise: Any = None) -> None:
         from edge_sdk.privacy.mechanisms import mechanism
 
         floor = mechanism(noise.mechanism).min_sigma2(noise.mode)
+        from edge_sdk.privacy._sampler import sigma2_on_grid
+
         for extra in extras:
-            if not extra.noised or Fraction(extra.sigma2_num, extra.sigma2_den) < floor:
+            sigma2 = Fraction(extra.sigma2_num, extra.sigma2_den)
+            if not extra.noised or sigma2 < floor:
                 raise ValueError(f"extra slot {extra.name!r} carries too little noise for DP")
+            try:  # refused here, not after training, when the sampler cannot draw it
+                on_grid = sigma2_on_grid(sigma2) == sigma2
+            except ValueError:
+                on_grid = False
+            if not on_grid:
+                raise ValueError(f"extra slot {extra.name!r}: sigma2 {sigma2} is off the grid")
     names = [e.name for e in extras]
     unknown = sorted(set(names) - set(KNOWN_SLOTS))
     if unknown:

@@ -254,6 +254,13 @@ class FederationPolicy:
             refuse(f"clip {noise.clip} above the policy's {self.max_clip}")
         if self.min_clip is not None and noise.clip < self.min_clip * (1 - 1e-12):
             refuse(f"clip {noise.clip} below the policy's {self.min_clip}")
+        from fractions import Fraction
+
+        from edge_sdk.privacy.mechanisms import mechanism
+
+        floor = mechanism(noise.mechanism).min_sigma2(noise.mode)
+        if Fraction(noise.sigma2_num, noise.sigma2_den) < floor:
+            refuse(f"per-device noise variance below {floor}, where its accounting is not stated")
         # The noise relative to the clip, computed from what devices will add.
         from edge_sdk.privacy.accounting import epsilon_spent
 

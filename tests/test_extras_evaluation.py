@@ -444,3 +444,19 @@ def test_evaluation_every_round_does_not_fit_epsilon_1_over_8_rounds() -> None:
             policy=policy,
             evaluation=EvaluationPlan(every=1),
         )
+
+
+def test_a_slot_noise_the_sampler_cannot_draw_is_refused_before_training() -> None:
+    # Found by review: sigma2 = 1 + 2^-17 passed the device and member checks and
+    # only failed inside privatize, after the device had trained.
+    from edge_sdk.extras import check_slots
+    from edge_sdk.privacy import DPPolicy, calibrate
+
+    noise = calibrate(
+        DPPolicy(mode="distributed", epsilon=8.0, delta=1e-5, rounds=5, clip=1.0, min_clients=5),
+        scale=64.0,
+        dimension=10,
+    )
+    check_slots(_eval_slots(Fraction(9, 4)), noise)  # on the grid: fine
+    with pytest.raises(ValueError, match="off the grid"):
+        check_slots(_eval_slots(1 + Fraction(1, 2**17)), noise)

@@ -92,3 +92,29 @@ def test_the_cap_is_stated_at_the_policys_delta_not_the_ledgers(tmp_path: Path) 
         for r in range(40):
             policy.check_lifetime(loose, cost)
             loose.record(f"fed/{r}", cost, idempotency_key=str(r))  # type: ignore[arg-type]
+
+
+def test_model_noise_below_the_mechanisms_floor_is_refused() -> None:
+    # Found by review: extra slots had the distributed-mode floor (sigma2 >= 1/4,
+    # where the sum bound is stated); the model noise did not.
+    import dataclasses
+
+    from edge_sdk.errors import RemoteProtocolError
+    from edge_sdk.privacy import calibrate
+
+    honest = calibrate(
+        DPPolicy(
+            mode="distributed",
+            epsilon=POLICY_EPS,
+            delta=1e-6,
+            rounds=10,
+            clip=1.0,
+            min_clients=10,
+        ),
+        scale=64.0,
+        dimension=50,
+    )
+    _policy().check_noise(honest, value_bits=16)
+    thin = dataclasses.replace(honest, sigma2_num=1, sigma2_den=8)
+    with pytest.raises(RemoteProtocolError, match="below 1/4"):
+        _policy().check_noise(thin, value_bits=16)
