@@ -482,7 +482,7 @@ class KeyHolder:
             # a smaller sum would carry less noise than every ledger charged for.
             quorum = max(quorum, noise.min_clients)
         try:
-            check_slots(spec.extras, noise)
+            check_slots(spec.extras, noise, value_max=spec.value_max)
         except ValueError:
             raise Refusal("bad_extra_slots") from None
         if self.policy is not None:

@@ -109,7 +109,16 @@ def clip_slot(sigma2: Fraction | None = None) -> ExtraSlot:
     return _slot(CLIP_BELOW, 1, 1.0, sigma2, signed=True)
 
 
-def check_slots(extras: Sequence[ExtraSlot], noise: Any = None) -> None:
+#: Noise headroom (standard deviations) a DP extra slot needs inside the slot
+#: range, as the planner leaves for model slots: a device's noised value is
+#: then clamped with probability below 2e-9, so clamping (which the sum
+#: accounting does not model) stays negligible next to delta.
+HEADROOM_SIGMAS = 6.0
+
+
+def check_slots(
+    extras: Sequence[ExtraSlot], noise: Any = None, *, value_max: int | None = None
+) -> None:
     """Refuse unknown slot names, a partial evaluation set, and un-noised slots in DP rounds.
 
     The device (:class:`edge_sdk.pipeline.RoundContext`) and every committee
@@ -136,6 +145,12 @@ def check_slots(extras: Sequence[ExtraSlot], noise: Any = None) -> None:
                 on_grid = False
             if not on_grid:
                 raise ValueError(f"extra slot {extra.name!r}: sigma2 {sigma2} is off the grid")
+            reach = extra.bound + HEADROOM_SIGMAS * math.sqrt(float(sigma2))
+            if value_max is not None and reach > value_max:
+                raise ValueError(
+                    f"extra slot {extra.name!r}: bound {extra.bound} plus {HEADROOM_SIGMAS:g} "
+                    f"noise deviations exceeds the slot range {value_max} (values would clamp)"
+                )
     names = [e.name for e in extras]
     unknown = sorted(set(names) - set(KNOWN_SLOTS))
     if unknown:

@@ -166,7 +166,7 @@ class RoundContext:
 
         try:
             # A DP round releases nothing un-noised; unknown slots are refused.
-            check_slots(spec.extras, noise)
+            check_slots(spec.extras, noise, value_max=spec.value_max)
         except ValueError as exc:
             raise RemoteProtocolError(f"bad extra slots: {exc}", reason="bad_spec") from None
         if policy is not None:

@@ -460,3 +460,22 @@ def test_a_slot_noise_the_sampler_cannot_draw_is_refused_before_training() -> No
     check_slots(_eval_slots(Fraction(9, 4)), noise)  # on the grid: fine
     with pytest.raises(ValueError, match="off the grid"):
         check_slots(_eval_slots(1 + Fraction(1, 2**17)), noise)
+
+
+def test_a_slot_whose_noise_would_clamp_is_refused() -> None:
+    # Found by review: with value_bits 8 and max_examples = value_max, over half
+    # the noised counts were clamped on the device, outside what the sum
+    # accounting models. A DP slot needs 6 noise deviations of headroom.
+    from edge_sdk.extras import HEADROOM_SIGMAS, check_slots
+    from edge_sdk.privacy import DPPolicy, calibrate
+
+    noise = calibrate(
+        DPPolicy(mode="distributed", epsilon=8.0, delta=1e-5, rounds=5, clip=1.0, min_clients=5),
+        scale=64.0,
+        dimension=10,
+    )
+    slots = _eval_slots(Fraction(9, 4))  # max_examples 16, sigma 1.5
+    widest = max(s.bound for s in slots) + HEADROOM_SIGMAS * 1.5
+    check_slots(slots, noise, value_max=int(widest) + 1)
+    with pytest.raises(ValueError, match="would clamp"):
+        check_slots(slots, noise, value_max=int(widest) - 1)
