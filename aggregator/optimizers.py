@@ -38,6 +38,7 @@ optimizer contract suite runs over).
 
 from __future__ import annotations
 
+import abc
 import inspect
 import math
 from collections.abc import Callable, Mapping
@@ -199,7 +200,7 @@ def _check_rate(name: str, value: float, *, low: float, high: float | None = Non
     return v
 
 
-class _Base:
+class _Base(abc.ABC):
     """Shared state handling: subclasses list their state arrays in ``state_keys``."""
 
     name: str = ""
@@ -230,9 +231,9 @@ class _Base:
         for key, value in state.items():
             setattr(self, key, value)
 
+    @abc.abstractmethod
     def step(self, weights: F64, delta: F64) -> F64:
         """Return the new weights for the mean ``delta`` (state advances)."""
-        raise NotImplementedError
 
     def _check(self, weights: F64, delta: F64) -> None:
         if weights.ndim != 1 or weights.shape != delta.shape:
@@ -305,8 +306,9 @@ class _Adaptive(_Base):
         self.m: F64 | None = None
         self.v: F64 | None = None
 
+    @abc.abstractmethod
     def _second(self, v: F64, d2: F64) -> F64:
-        raise NotImplementedError
+        """The second-moment update of this optimizer (Adam, Yogi or Adagrad)."""
 
     def step(self, weights: F64, delta: F64) -> F64:
         """Apply one step."""
