@@ -40,7 +40,7 @@ from aggregator.threshold import (
 from edge_sdk._fs import atomic_write
 from edge_sdk.errors import ConfigError, DecodeError, InvalidSignatureError
 from edge_sdk.identity import verify_signature
-from edge_sdk.protocol import KeyholderRequest, KeyholderResult
+from edge_sdk.protocol import KeyholderRequest, KeyholderResult, WitnessGap
 
 __all__ = [
     "CommitteeManifest",
@@ -278,6 +278,20 @@ class CommitteeVerifier:
             raise InvalidShareError(info.index, "wrong_index", f"share for index {share.index}")
         verify_share(self.manifest.public, ciphertexts, share, context=share_context(request))
         return share
+
+    def check_gap(self, gap: WitnessGap) -> None:
+        """Verify a member's witness-gap notice is signed by that member.
+
+        Raises:
+            InvalidSignatureError: unknown member or bad signature.
+        """
+        info = self.manifest.holder(gap.holder_id)
+        if info is None:
+            raise InvalidSignatureError(
+                f"gap notice from {gap.holder_id!r}, not a committee member",
+                reason="unknown_holder",
+            )
+        verify_signature(info.public_key, gap.signed_bytes(), gap.signature)
 
     def combine(self, count: int, shares: Sequence[DecryptionShare]) -> list[int]:
         """Plaintexts of the sum from ``T`` verified shares of distinct members."""

@@ -147,6 +147,7 @@ class AggregatorTable:
     keyholder_retry_s: float = 30.0
     commit_batch: int = 64
     commit_max_ms: float = 5.0
+    witness_relay: bool = True
     optimizer: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] | None = None
     adaptive_clip: dict[str, Any] | None = None
@@ -563,7 +564,13 @@ def build_aggregator(cfg: ServiceConfig, *, transport: Any = None) -> Any:
         crash=CrashHook(),
         commit_batch=agg.commit_batch,
         commit_max_ms=agg.commit_max_ms,
+        relay_dir=relay_folder(cfg.path(agg.store)) if agg.witness_relay else None,
     )
+
+
+def relay_folder(store: Path) -> Path:
+    """Where the service keeps a round's accepted updates for the witness relay."""
+    return store.with_name(store.name + ".relay")
 
 
 def commit_settings(agg: Mapping[str, Any]) -> tuple[int, float]:

@@ -68,8 +68,10 @@ from edge_sdk.protocol import (
     KeyholderCommit,
     KeyholderRequest,
     KeyholderResult,
+    WitnessGap,
 )
 from edge_sdk.protocol.limits import MAX_UPDATE_BYTES
+from edge_sdk.protocol.messages import MAX_GAP_DEVICES
 
 __all__ = ["BindingCheck", "KeyHolder", "Refusal", "exchange"]
 
@@ -255,6 +257,62 @@ class KeyHolder:
         if outcome == "stored" and self.on_stored is not None:
             self.on_stored(got.update, got.payload)
         return outcome
+
+    def witness_relayed(self, sender: str, payload: bytes) -> str:
+        """Take one whole update relayed by the aggregator (``keyholder/relay``).
+
+        Exactly the checks of a broker-delivered update (enrolled device, its
+        signature, the binding, one update per device and round), so a
+        relayed update is worth what the device signed, never what the
+        aggregator says. ``sender`` is the chunks' sender and must be the
+        update's device.
+
+        Returns:
+            What happened, as :meth:`witness`.
+        """
+        try:
+            update = EncryptedUpdate.from_bytes(payload, max_size=self.max_update_bytes)
+        except DecodeError:
+            outcome = "relay_decode"
+        else:
+            if update.device_id != sender:
+                outcome = "relay_sender"
+            else:
+                outcome = self._witness_update(update)
+                if outcome == "stored" and self.on_stored is not None:
+                    self.on_stored(update, payload)
+        self._count(f"witness_{outcome}")
+        return outcome
+
+    def gap_notice(self, request: KeyholderRequest) -> WitnessGap | None:
+        """A signed notice naming the request's contributors this member never saw.
+
+        None when nothing is missing (or the request is malformed: the
+        checks refuse it). Lists at most :data:`MAX_GAP_DEVICES` devices.
+        """
+        try:
+            proofs = request.proofs()
+        except DecodeError:
+            return None
+        devices: list[str] = []
+        for p in proofs:
+            if p.device_id in devices:
+                continue
+            if self.witnessed(p.device_id, p.round_id) != p.ciphertext_digest:
+                devices.append(p.device_id)
+            if len(devices) >= MAX_GAP_DEVICES:
+                break
+        if not devices:
+            return None
+        unsigned = WitnessGap(
+            federation=self.federation,
+            round_id=request.round_id,
+            request_id=request.request_id,
+            holder_id=self.holder_id,
+            devices=tuple(devices),
+            issued_ms=self._clock(),
+        )
+        return dataclasses.replace(unsigned, signature=self.identity.sign(unsigned.signed_bytes()))
 
     def witness_update(self, update: EncryptedUpdate) -> str:
         """Take one whole update (a restarted member reloading what it had stored).

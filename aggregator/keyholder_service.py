@@ -9,7 +9,14 @@ can rebuild from the devices' own signed ciphertexts.
 
 A request whose contributors' updates have not all been witnessed yet waits
 up to ``witness_grace_s`` for them (the aggregator re-asks); after that it is
-refused, which costs the round, never privacy.
+refused, which costs the round, never privacy. While it waits, once no
+update has arrived for ``relay_idle_s`` (the member is not merely behind),
+it publishes a signed :class:`~edge_sdk.protocol.WitnessGap` naming the
+missing devices on ``keyholder/gap/{holder}``; the aggregator relays those
+devices' own signed updates on ``keyholder/relay/{holder}``, which the
+witness checks exactly as broker-delivered ones, and the request is answered
+as soon as nothing is missing. A broker that loses a member's copies (a
+clustered broker losing a node) thus costs seconds, not the round.
 
 The rounds it answered (request digests, never plaintexts) are kept in a
 small JSON state file written BEFORE the share leaves, so a member killed at
@@ -83,6 +90,8 @@ class KeyholderService:
         transport: a transport (manual acks recommended).
         state_path: JSON file of answered rounds (None: memory only).
         witness_grace_s: how long a request may wait for updates not seen yet.
+        relay_idle_s: ask for a relay of missing updates only once no update
+            arrived for this long (a member still catching up just waits).
         clock: seconds (monotonic), injected for tests.
     """
 
@@ -93,6 +102,7 @@ class KeyholderService:
         *,
         state_path: Path | None = None,
         witness_grace_s: float = 60.0,
+        relay_idle_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """Create the service; :meth:`start` connects."""
@@ -106,6 +116,14 @@ class KeyholderService:
         self._clock = clock
         self._first_asked: dict[bytes, float] = {}
         self.deferred = 0
+        self.relay_idle_s = relay_idle_s
+        self._last_update = float("-inf")
+        # requests waiting for updates (newest last; bounded), re-tried after relays
+        self._waiting: dict[bytes, KeyholderRequest] = {}
+        self._relay_reassembler = Reassembler(
+            max_payload_size=keyholder.max_update_bytes, max_pending=16
+        )
+        self.gaps_sent = 0
         load_state(keyholder, state_path)
         self.witness_dir = (
             None if state_path is None else state_path.with_name(state_path.stem + "-witness")
@@ -154,6 +172,9 @@ class KeyholderService:
         self.transport.subscribe(self.topics.keyholder_request, self._on_message, qos=1)
         self.transport.subscribe(self.topics.updates_filter, self._on_update, qos=1)
         self.transport.subscribe(self.topics.keyholder_commit_filter, self._on_commit, qos=1)
+        self.transport.subscribe(
+            self.topics.keyholder_relay(self.keyholder.holder_id), self._on_relay, qos=1
+        )
         self.transport.connect(timeout=connect_timeout)
 
     def _on_commit(self, message: InboundMessage) -> None:
@@ -172,8 +193,37 @@ class KeyholderService:
             finally:
                 message.ack()
 
+    def _on_relay(self, message: InboundMessage) -> None:
+        with self._lock:
+            try:
+                chunk = Chunk.from_bytes(message.payload)
+                if chunk.federation != self.keyholder.federation or chunk.stream != "update":
+                    raise DecodeError("relay chunk of another stream", reason="stream")
+                whole = self._relay_reassembler.add(chunk)
+                if whole is not None:
+                    outcome = self.keyholder.witness_relayed(chunk.sender, whole)
+                    log.info(
+                        "%s: relayed update of %s: %s",
+                        self.keyholder.holder_id,
+                        chunk.sender,
+                        outcome,
+                    )
+                    if outcome == "stored":
+                        self._retry_waiting()
+            except DecodeError as exc:
+                log.warning("bad relay message: %s", exc)
+            finally:
+                message.ack()
+
+    def _retry_waiting(self) -> None:
+        """Answer every waiting request whose updates are now all witnessed."""
+        for key, request in list(self._waiting.items()):
+            if self.keyholder.missing(request) == 0:
+                self._answer(request, key)
+
     def _on_update(self, message: InboundMessage) -> None:
         with self._lock:
+            self._last_update = self._clock()
             try:
                 outcome = self.keyholder.witness(message.topic, message.payload)
                 if outcome not in ("stored", "partial", "duplicate"):
@@ -208,6 +258,9 @@ class KeyholderService:
         except DecodeError as exc:
             log.warning("bad request message: %s", exc)
             return
+        self._answer(request, digest(whole))
+
+    def _answer(self, request: KeyholderRequest, key: bytes) -> None:
         answered = self.keyholder.answered_rounds()
         previous = answered.get(request.round_id)
         # A second, different sum for an answered round, or a request for a
@@ -218,17 +271,22 @@ class KeyholderService:
         )
         missing = 0 if settled else self.keyholder.missing(request)
         if missing:
-            key = digest(whole)
             first = self._first_asked.setdefault(key, self._clock())
             if self._clock() - first < self.witness_grace_s:
                 self.deferred += 1
+                self._waiting.pop(key, None)
+                self._waiting[key] = request
+                while len(self._waiting) > 4:
+                    self._waiting.pop(next(iter(self._waiting)))
                 log.info(
                     "round %d: %d of the listed updates not seen yet; waiting for a re-ask",
                     request.round_id,
                     missing,
                 )
+                self._report_gap(request)
                 return
             self._first_asked.pop(key, None)
+        self._waiting.pop(key, None)
         out = self.keyholder.handle(request)
         save_state(self.keyholder, self.state_path)  # the commitment is durable first
         self._prune()
@@ -240,6 +298,28 @@ class KeyholderService:
             if own is not None:
                 self._publish_commit(own)
         self._send_result(out)
+
+    def _report_gap(self, request: KeyholderRequest) -> None:
+        """Ask the aggregator to relay the updates this member never saw."""
+        if self._clock() - self._last_update < self.relay_idle_s:
+            return  # updates are still arriving: wait for the re-ask
+        gap = self.keyholder.gap_notice(request)
+        if gap is None:
+            return
+        try:
+            self.transport.publish(
+                self.topics.keyholder_gap(self.keyholder.holder_id), gap.to_bytes(), qos=1
+            )
+        except TransportError as exc:  # sent again on the next re-ask
+            log.warning("publishing the gap notice failed: %s", exc)
+            return
+        self.gaps_sent += 1
+        log.info(
+            "%s: round %d: asked for a relay of %d updates",
+            self.keyholder.holder_id,
+            request.round_id,
+            len(gap.devices),
+        )
 
     def _publish_commit(self, commit: KeyholderCommit) -> None:
         topic = self.topics.keyholder_commit(self.keyholder.holder_id)

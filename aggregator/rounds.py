@@ -1,9 +1,10 @@
 """The aggregator's round state machine, without I/O.
 
 Events go in (:class:`Start`, :class:`MessageReceived`, :class:`Tick`,
-:class:`KeyholderAnswered`), actions come out (:class:`Commit`,
-:class:`PersistAccepted`, :class:`Publish`, :class:`SendReceipt`,
-:class:`RequestDecryption`, :class:`Rejected`, :class:`Alert`). Time comes
+:class:`KeyholderAnswered`, :class:`WitnessGapReported`), actions come out
+(:class:`Commit`, :class:`PersistAccepted`, :class:`Publish`,
+:class:`SendReceipt`, :class:`RequestDecryption`, :class:`RelayUpdates`,
+:class:`Rejected`, :class:`Alert`). Time comes
 in with every event. The service executes the actions in order: every
 persist action comes before the publishes and receipts that depend on it,
 and the inbound MQTT message is acknowledged only after all of them ran.
@@ -77,6 +78,7 @@ from edge_sdk.protocol import (
     Receipt,
     RoundAnnouncement,
     Topics,
+    WitnessGap,
     model_digest,
     split_payload,
 )
@@ -260,7 +262,15 @@ class KeyholderAnswered:
     now_ms: int
 
 
-Event = Start | MessageReceived | Tick | KeyholderAnswered
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WitnessGapReported:
+    """A committee member says it never saw some contributors' updates."""
+
+    gap: WitnessGap
+    now_ms: int
+
+
+Event = Start | MessageReceived | Tick | KeyholderAnswered | WitnessGapReported
 
 
 # ----------------------------------------------------------------- actions
@@ -294,6 +304,7 @@ class PersistAccepted:
     sum_blob: bytes
     count: int
     at_ms: int
+    update: bytes = b""  # the device's signed update as received (kept for the witness relay)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -317,6 +328,21 @@ class RequestDecryption:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RelayUpdates:
+    """Send these contributors' own signed updates to a member that never saw them.
+
+    The member checks them as it checks the broker's copies (device
+    signature, binding): relaying gives the aggregator no say in what the
+    member decrypts. At most once per member and device per
+    ``keyholder_retry_ms``.
+    """
+
+    holder_id: str
+    round_id: int
+    device_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Rejected:
     """An inbound message was refused; ``reason`` is precise (logs and metrics only)."""
 
@@ -336,7 +362,16 @@ class Alert:
     detail: str = ""
 
 
-Action = Publish | SendReceipt | PersistAccepted | Commit | RequestDecryption | Rejected | Alert
+Action = (
+    Publish
+    | SendReceipt
+    | PersistAccepted
+    | Commit
+    | RequestDecryption
+    | RelayUpdates
+    | Rejected
+    | Alert
+)
 
 
 # ----------------------------------------------------------------- machine
@@ -558,6 +593,8 @@ class RoundMachine:
             return self._on_tick(event.now_ms)
         if isinstance(event, KeyholderAnswered):
             return self._on_result(event.result, event.now_ms)
+        if isinstance(event, WitnessGapReported):
+            return self._on_gap(event.gap, event.now_ms)
         raise TypeError(f"unknown event {event!r}")
 
     # -- start -------------------------------------------------------------
@@ -697,9 +734,11 @@ class RoundMachine:
                 got.device, got.round_id, got.reason, got.detail, got.update, event.now_ms
             )
         assert got.device is not None and got.update is not None
-        return self._on_update(got.device, got.update, event.now_ms)
+        return self._on_update(got.device, got.update, event.now_ms, got.payload)
 
-    def _on_update(self, device: str, update: EncryptedUpdate, now: int) -> list[Action]:
+    def _on_update(
+        self, device: str, update: EncryptedUpdate, now: int, payload: bytes = b""
+    ) -> list[Action]:
         r = update.round_id
         if update.federation != self.config.federation:
             return self._reject(device, r, "federation", update.federation, update, now)
@@ -771,6 +810,7 @@ class RoundMachine:
                 sum_blob=self._acc.value.to_bytes(),
                 count=self._acc.count,
                 at_ms=now,
+                update=payload,
             ),
             self._receipt(device, update, "accepted", now),
         ]
@@ -848,6 +888,7 @@ class RoundMachine:
         self._share_results: dict[str, bytes] = {}
         self._refused: dict[str, str] = {}
         self._sum_values: tuple[int, ...] | None = None
+        self._relayed: dict[tuple[str, str], int] = {}
 
     def _on_result(self, result: KeyholderResult, now: int) -> list[Action]:
         request = self._request
@@ -914,6 +955,45 @@ class RoundMachine:
         if len(self._shares) < self.committee.manifest.threshold:
             return []
         return self._decrypted(now)
+
+    @property
+    def pending_request(self) -> KeyholderRequest | None:
+        """The decryption request of the round being decrypted (None otherwise)."""
+        return self._request if self.phase == "decrypting" else None
+
+    def _on_gap(self, gap: WitnessGap, now: int) -> list[Action]:
+        request = self._request
+        if (
+            self.phase != "decrypting"
+            or request is None
+            or gap.federation != self.config.federation
+            or gap.round_id != request.round_id
+            or gap.request_id != request.request_id
+        ):
+            return [Rejected(device_id=None, round_id=gap.round_id, reason="stale_witness_gap")]
+        try:
+            self.committee.check_gap(gap)
+        except InvalidSignatureError as exc:
+            return [
+                Rejected(device_id=None, round_id=gap.round_id, reason=f"witness_gap_{exc.reason}")
+            ]
+        holder = gap.holder_id
+        if holder in self._shares or holder in self._refused:
+            return []  # it answered already
+        due: list[str] = []
+        for device in gap.devices:
+            if device not in self._accepted:
+                continue  # not a contributor: nothing of ours to relay
+            last = self._relayed.get((holder, device))
+            if last is not None and now - last < self.config.keyholder_retry_ms:
+                continue  # relayed recently: a flood of notices costs one relay per retry
+            self._relayed[(holder, device)] = now
+            due.append(device)
+        if not due:
+            return []
+        self.stats["relayed"] += len(due)
+        log.info("round %d: relaying %d updates to %s", gap.round_id, len(due), holder)
+        return [RelayUpdates(holder_id=holder, round_id=gap.round_id, device_ids=tuple(due))]
 
     def _maybe_give_up(self, now: int) -> list[Action]:
         """Fail the round once fewer than ``T`` members can still answer ok."""

@@ -49,10 +49,12 @@ import dataclasses
 import logging
 import os
 import queue
+import shutil
 import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from aggregator.keyholder import KeyHolder, exchange
@@ -67,11 +69,13 @@ from aggregator.rounds import (
     PersistAccepted,
     Publish,
     Rejected,
+    RelayUpdates,
     RequestDecryption,
     RoundMachine,
     SendReceipt,
     Start,
     Tick,
+    WitnessGapReported,
 )
 from aggregator.store import AggregatorStore
 from edge_sdk.errors import DecodeError
@@ -80,6 +84,7 @@ from edge_sdk.protocol import (
     KeyholderResult,
     Reassembler,
     Topics,
+    WitnessGap,
     parse_topic,
     split_payload,
 )
@@ -203,6 +208,11 @@ class AggregatorService:
         commit_max_ms: an open batch is committed once its oldest update has
             waited this long (it is also committed whenever the inbound
             queue runs dry).
+        relay_dir: where accepted updates are kept until their round ends,
+            to relay them to a committee member whose broker lost its copy
+            (``keyholder/gap`` -> ``keyholder/relay``). Written without
+            fsync: the relay is an availability aid, and a member checks
+            every relayed update's device signature. None: no relay.
     """
 
     def __init__(
@@ -217,6 +227,7 @@ class AggregatorService:
         crash: CrashHook | None = None,
         commit_batch: int = DEFAULT_COMMIT_BATCH,
         commit_max_ms: float = DEFAULT_COMMIT_MAX_MS,
+        relay_dir: Path | None = None,
     ) -> None:
         """Create the service (no I/O until :meth:`start`)."""
         if commit_batch < 1:
@@ -245,6 +256,8 @@ class AggregatorService:
         # Transactions that committed accepted updates, and those updates.
         self.accept_commits = 0
         self.updates_committed = 0
+        self.relay_dir = relay_dir
+        self.relayed = 0
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -264,6 +277,7 @@ class AggregatorService:
             self.transport.subscribe(
                 self.topics.keyholder_result_filter, self._on_kh_message, qos=1
             )
+            self.transport.subscribe(self.topics.keyholder_gap_filter, self._on_gap_message, qos=1)
         self.transport.on_connection_change(self._on_connection)
         self.transport.connect(timeout=connect_timeout)
         self._started = True
@@ -301,6 +315,9 @@ class AggregatorService:
 
     def _on_kh_message(self, message: InboundMessage) -> None:
         self._queue.put(("keyholder", message))
+
+    def _on_gap_message(self, message: InboundMessage) -> None:
+        self._queue.put(("gap", message))
 
     def _on_connection(self, event: Any) -> None:
         if getattr(event, "connected", False):
@@ -359,6 +376,8 @@ class AggregatorService:
             )
         elif kind == "keyholder":
             self._keyholder_message(message)
+        elif kind == "gap":
+            self._gap_message(message)
         if self._batch:
             self._deferred.append(message)  # acknowledged once the batch is durable
         else:
@@ -384,6 +403,72 @@ class AggregatorService:
             return
         self.feed(KeyholderAnswered(result=result, now_ms=self.clock_ms()))
 
+    def _gap_message(self, message: InboundMessage) -> None:
+        try:
+            parsed = parse_topic(message.topic)
+            gap = WitnessGap.from_bytes(message.payload, max_size=128 * 1024)
+            if (
+                parsed is None
+                or parsed.kind != "keyholder/gap"
+                or parsed.device_id != gap.holder_id
+            ):
+                raise DecodeError("gap notice not on its member's topic", reason="sender")
+        except DecodeError as exc:
+            log.warning("bad witness-gap notice: %s", exc)
+            self.metrics.rejection(f"witness_gap_{exc.reason}")
+            return
+        self.feed(WitnessGapReported(gap=gap, now_ms=self.clock_ms()))
+
+    # -- the witness relay -----------------------------------------------------------
+
+    def _relay_path(self, round_id: int, device_id: str) -> Path:
+        assert self.relay_dir is not None
+        return self.relay_dir / str(round_id) / f"{device_id}.upd"
+
+    def _keep_for_relay(self, action: PersistAccepted) -> None:
+        if self.relay_dir is None or not action.update:
+            return
+        path = self._relay_path(action.round_id, action.device_id)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(action.update)
+        except OSError as exc:  # the relay is an aid: a full disk must not stop the round
+            log.warning("cannot keep %s's update for the witness relay: %s", action.device_id, exc)
+
+    def _relay(self, action: RelayUpdates) -> None:
+        if self.relay_dir is None:
+            log.info(
+                "%s missed %d updates; no relay folder", action.holder_id, len(action.device_ids)
+            )
+            return
+        topic = self.topics.keyholder_relay(action.holder_id)
+        size = max(self.transport.max_payload_size(topic), 4096)
+        for device in action.device_ids:
+            try:
+                payload = self._relay_path(action.round_id, device).read_bytes()
+            except OSError:
+                log.warning("round %d: no kept update of %s to relay", action.round_id, device)
+                continue
+            for piece in split_payload(
+                payload,
+                federation=self.machine.config.federation,
+                stream="update",
+                sender=device,
+                round_id=action.round_id,
+                max_message_size=size,
+            ):
+                self._publish(topic, piece.to_bytes(), retain=False)
+            self.relayed += 1
+
+    def _drop_relay_copies(self) -> None:
+        """Delete kept updates of rounds before the current one."""
+        if self.relay_dir is None or not self.relay_dir.exists():
+            return
+        current = self.machine.round_id
+        for folder in self.relay_dir.iterdir():
+            if not folder.name.isdigit() or int(folder.name) < current:
+                shutil.rmtree(folder, ignore_errors=True)
+
     # -- actions -------------------------------------------------------------------
 
     def feed(self, event: Event) -> None:
@@ -393,6 +478,7 @@ class AggregatorService:
     def _execute(self, actions: list[Action]) -> None:
         for action in actions:
             if isinstance(action, PersistAccepted):
+                self._keep_for_relay(action)
                 if self.commit_batch == 1:
                     self.crash.hit("accept_before_commit")
                     self.store.persist_accepted(action)
@@ -457,6 +543,8 @@ class AggregatorService:
             elif isinstance(action, RequestDecryption):
                 self.flush_batch()
                 self._request_decryption(action)
+            elif isinstance(action, RelayUpdates):
+                self._relay(action)
 
     def flush_batch(self) -> None:
         """Commit the open batch in one transaction, then send and ack what waited for it.
@@ -490,6 +578,7 @@ class AggregatorService:
         for rec in action.records:
             if rec.phase in ("done", "failed"):
                 self.metrics.round_finished(rec.outcome or rec.phase)
+        self._drop_relay_copies()
         self.metrics.state(
             round_id=self.machine.round_id,
             contributors=self.machine.count,

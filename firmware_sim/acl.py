@@ -21,6 +21,9 @@ topic                      written by             read by
 ``status/{device}``        that device (+ will)   aggregator
 ``keyholder/request``      aggregator             every key holder
 ``keyholder/result/{h}``   key holder ``h``       aggregator
+``keyholder/commit/{h}``   key holder ``h``       every key holder
+``keyholder/gap/{h}``      key holder ``h``       aggregator
+``keyholder/relay/{h}``    aggregator             key holder ``h``
 =========================  =====================  ==========================
 
 Several key holders (a committee, each its own identity ``keyholder-1``...)
@@ -96,6 +99,8 @@ DEFAULT_KEYHOLDER_USER = "keyholder"
 KEYHOLDER_REQUEST_TOPIC = "keyholder/request"
 KEYHOLDER_RESULT_TOPIC = "keyholder/result/{holder}"
 KEYHOLDER_COMMIT_TOPIC = "keyholder/commit/{holder}"
+KEYHOLDER_GAP_TOPIC = "keyholder/gap/{holder}"
+KEYHOLDER_RELAY_TOPIC = "keyholder/relay/{holder}"
 
 Access = Literal["read", "write", "readwrite"]
 Role = Literal["device", "aggregator", "keyholder"]
@@ -161,6 +166,9 @@ def acl_grants(
             TopicGrant(access="read", topic=prefix + "status/+"),
             TopicGrant(access="write", topic=prefix + KEYHOLDER_REQUEST_TOPIC),
             TopicGrant(access="read", topic=keyholder_result_topic(federation, "+")),
+            # witness relay: members' gap notices in, devices' signed updates out
+            TopicGrant(access="read", topic=prefix + KEYHOLDER_GAP_TOPIC.format(holder="+")),
+            TopicGrant(access="write", topic=prefix + KEYHOLDER_RELAY_TOPIC.format(holder="+")),
         ),
     }
     for holder in holders:
@@ -176,6 +184,9 @@ def acl_grants(
                 access="write",
                 topic=prefix + KEYHOLDER_COMMIT_TOPIC.format(holder=_check_name(holder, "id")),
             ),
+            # the witness relay: its own gap notices out, updates it missed in
+            TopicGrant(access="write", topic=prefix + KEYHOLDER_GAP_TOPIC.format(holder=holder)),
+            TopicGrant(access="read", topic=prefix + KEYHOLDER_RELAY_TOPIC.format(holder=holder)),
         )
     for device in devices:
         grants[device] = (

@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from aggregator.committee import CommitteeManifest, CommitteeVerifier
+from aggregator.config import relay_folder
 from aggregator.keyholder_config import PolicyTerms, run_ceremony
 from aggregator.optimizers import make_optimizer
 from aggregator.planning import EvaluationPlan
@@ -616,7 +617,9 @@ class Fleet:
                 reconnect_max_s=2.0,
             )
         )
-        service = AggregatorService(machine, store, transport)
+        service = AggregatorService(
+            machine, store, transport, relay_dir=relay_folder(self.workdir / "aggregator.db")
+        )
         self.progress("setup", {"step": f"starting {cfg.devices} devices"})
         self._schedule_availability()  # round 1's drop-outs never come online
         for device_id in self._device_specs:

@@ -68,6 +68,7 @@ def _service(
     tmp_path: Path,
     *,
     remote: bool = False,
+    relay_dir: Path | None = None,
     **kw: Any,
 ) -> AggregatorService:
     pk, _ = keys
@@ -96,6 +97,7 @@ def _service(
         transport,
         keyholders=() if remote else members,
         clock_ms=lambda: next(clock),
+        relay_dir=relay_dir,
     )
     service._test_members = members  # type: ignore[attr-defined]
     return service

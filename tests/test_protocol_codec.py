@@ -103,6 +103,7 @@ def test_kind_table_is_closed() -> None:
         "kh_request",
         "kh_result",
         "kh_commit",
+        "kh_gap",
     }
 
 

@@ -49,6 +49,7 @@ from edge_sdk.protocol.limits import (
 
 __all__ = [
     "DIGEST_LEN",
+    "MAX_GAP_DEVICES",
     "MAX_PARAMS",
     "SIGNATURE_LEN",
     "Chunk",
@@ -61,6 +62,7 @@ __all__ = [
     "KeyholderResult",
     "Receipt",
     "RoundAnnouncement",
+    "WitnessGap",
     "decode_message",
     "digest",
     "model_digest",
@@ -653,6 +655,54 @@ class KeyholderCommit(Message):
     def signed_bytes(self) -> bytes:
         """Bytes the member signs (everything but the signature)."""
         return self._signature_view("kh-commit-sig")
+
+
+MAX_GAP_DEVICES = 1000
+
+
+@register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WitnessGap(Message):
+    """A committee member's notice: contributors of a request whose updates it never saw.
+
+    The broker can lose a member's copy of an update that reached the
+    aggregator (a clustered broker losing a node drops sessions). The
+    aggregator answers by relaying those devices' own signed updates on
+    ``keyholder/relay/{holder}``; the member checks them exactly as if the
+    broker had delivered them (device signature, binding), so the relay adds
+    no trust in the aggregator. At most :data:`MAX_GAP_DEVICES` devices per
+    notice; a member still missing more sends another on the next re-ask.
+
+    Attributes:
+        federation, round_id, request_id: the request it cannot answer yet.
+        holder_id: the member.
+        devices: device ids whose updates for ``round_id`` it lacks.
+        issued_ms: when sent.
+        signature: the member's Ed25519 signature over :meth:`signed_bytes`.
+    """
+
+    KIND: ClassVar[str] = "kh_gap"
+    RULES: ClassVar[dict[str, Rule]] = {
+        "federation": _FED,
+        "round_id": _ROUND,
+        "request_id": _ID,
+        "holder_id": _ID,
+        "devices": StrTupleRule(max_items=MAX_GAP_DEVICES),
+        "issued_ms": _TIME,
+        "signature": _OPT_SIG,
+    }
+
+    federation: str
+    round_id: int
+    request_id: str
+    holder_id: str
+    devices: tuple[str, ...]
+    issued_ms: int
+    signature: bytes = b""
+
+    def signed_bytes(self) -> bytes:
+        """Bytes the member signs (everything but the signature)."""
+        return self._signature_view("kh-gap-sig")
 
 
 def decode_message(payload: bytes, *, max_size: int | None = None) -> Message:

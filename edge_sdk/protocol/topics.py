@@ -10,6 +10,8 @@
 | ``keyholder/request`` | aggregator -> key holder | no | KeyholderRequest (chunked if large) |
 | ``keyholder/result/{holder}`` | committee member -> aggregator | no | KeyholderResult (chunked) |
 | ``keyholder/commit/{holder}`` | committee member -> members | no | KeyholderCommit |
+| ``keyholder/gap/{holder}`` | committee member -> aggregator | no | WitnessGap |
+| ``keyholder/relay/{holder}`` | aggregator -> that member | no | Chunks of EncryptedUpdates |
 """
 
 from __future__ import annotations
@@ -100,6 +102,19 @@ class Topics:
         """Subscription filter for every member's commitments."""
         return f"{self.base}/keyholder/commit/+"
 
+    def keyholder_gap(self, holder_id: str) -> str:
+        """One committee member's witness-gap notices (updates it never saw)."""
+        return f"{self.base}/keyholder/gap/{_check_name('holder_id', holder_id)}"
+
+    @property
+    def keyholder_gap_filter(self) -> str:
+        """Subscription filter for every member's witness-gap notices."""
+        return f"{self.base}/keyholder/gap/+"
+
+    def keyholder_relay(self, holder_id: str) -> str:
+        """Devices' signed updates relayed to one member that missed them."""
+        return f"{self.base}/keyholder/relay/{_check_name('holder_id', holder_id)}"
+
     @property
     def keyholder_result_filter(self) -> str:
         """Subscription filter for every committee member's results."""
@@ -132,6 +147,11 @@ def parse_topic(topic: str) -> ParsedTopic | None:
         return ParsedTopic(federation, "keyholder/request")
     if len(rest) == 3 and rest[:2] == ["keyholder", "result"] and _NAME.fullmatch(rest[2]):
         return ParsedTopic(federation, "keyholder/result", device_id=rest[2])
-    if len(rest) == 3 and rest[:2] == ["keyholder", "commit"] and _NAME.fullmatch(rest[2]):
-        return ParsedTopic(federation, "keyholder/commit", device_id=rest[2])
+    if (
+        len(rest) == 3
+        and rest[0] == "keyholder"
+        and rest[1] in ("commit", "gap", "relay")
+        and _NAME.fullmatch(rest[2])
+    ):
+        return ParsedTopic(federation, f"keyholder/{rest[1]}", device_id=rest[2])
     return None
