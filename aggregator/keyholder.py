@@ -290,6 +290,8 @@ class KeyHolder:
         None when nothing is missing (or the request is malformed: the
         checks refuse it). Lists at most :data:`MAX_GAP_DEVICES` devices.
         """
+        if self.missing(request) == 0:
+            return None
         try:
             proofs = request.proofs()
         except DecodeError:
@@ -374,8 +376,12 @@ class KeyHolder:
         return None if slots is None else slots.get(round_id)
 
     def missing(self, request: KeyholderRequest) -> int:
-        """How many of the request's contributors' updates were not witnessed yet."""
-        if not self.verify_sums:
+        """How many of the request's contributors' updates were not witnessed yet.
+
+        Zero for the request this member already committed to (its updates
+        were verified then, and forgotten).
+        """
+        if not self.verify_sums or self._answered.get(request.round_id) == request_digest(request):
             return 0
         try:
             proofs = request.proofs()

@@ -266,6 +266,7 @@ def _serve(args: argparse.Namespace) -> int:
         transport,
         state_path=state,
         witness_grace_s=cfg.keyholder.witness_grace_s,
+        relay_idle_s=cfg.keyholder.relay_idle_s,
     )
     stop = threading.Event()
 

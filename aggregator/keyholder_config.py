@@ -56,6 +56,7 @@ registry = "{registry}"              # this member's OWN copy of the device regi
 min_clients = {min_clients}          # refuse sums of fewer devices, whatever is asked
 state = "state.json"                 # rounds answered (request digests, never plaintexts)
 witness_grace_s = 60                 # wait this long for updates not seen yet
+relay_idle_s = 2                     # then, once no update came for this long, ask for a relay
 passphrase_file = ""                 # else $EDGEFL_KEY_PASSPHRASE
 
 [broker]                             # the MQTT client: same keys as a device's [broker]
@@ -82,6 +83,7 @@ class KeyholderTable:
     registry: str = "registry.json"
     state: str = "state.json"
     witness_grace_s: float = 60.0
+    relay_idle_s: float = 2.0
     passphrase_file: str = ""
     allow_unencrypted_key: bool = False
 
@@ -90,6 +92,8 @@ class KeyholderTable:
             raise ValueError(f"min_clients must be >= 1, got {self.min_clients}")
         if not self.witness_grace_s >= 0:
             raise ValueError(f"witness_grace_s must be >= 0, got {self.witness_grace_s}")
+        if not self.relay_idle_s >= 0:
+            raise ValueError(f"relay_idle_s must be >= 0, got {self.relay_idle_s}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -111,6 +111,22 @@ def test_each_role_gets_exactly_its_topics() -> None:
     assert not any(_allowed(g, "read", "edgefl/v1/other/model/0") for g in grants.values())
 
 
+def test_only_the_aggregator_relays_and_each_member_asks_for_its_own() -> None:
+    grants = acl_grants("fed", ["dA"], keyholders=["keyholder-1", "keyholder-2"])
+    agg, k1, dev = grants["aggregator"], grants["keyholder-1"], grants["dA"]
+    assert _allowed(agg, "read", P + "keyholder/gap/keyholder-1")
+    assert _allowed(agg, "write", P + "keyholder/relay/keyholder-2")
+    assert _allowed(k1, "write", P + "keyholder/gap/keyholder-1")
+    assert _allowed(k1, "read", P + "keyholder/relay/keyholder-1")
+    assert not _allowed(k1, "write", P + "keyholder/gap/keyholder-2")  # no notice in another's name
+    assert not _allowed(
+        k1, "write", P + "keyholder/relay/keyholder-1"
+    )  # only the aggregator relays
+    assert not _allowed(k1, "read", P + "keyholder/relay/keyholder-2")
+    for topic in ("keyholder/relay/keyholder-1", "keyholder/gap/keyholder-1"):
+        assert not _allowed(dev, "write", P + topic) and not _allowed(dev, "read", P + topic)
+
+
 def test_acl_file_has_no_anonymous_section() -> None:
     auth = generate_broker_auth("fed", ["dA"], rng=DeterministicRandom(1))
     body = [ln for ln in auth.acl_file.splitlines() if ln and not ln.startswith("#")]

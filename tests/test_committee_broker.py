@@ -111,6 +111,27 @@ def test_round_closes_with_one_member_offline(env: Env) -> None:
     assert env.state("keyholder-4") == {}
 
 
+def test_a_member_that_missed_every_update_gets_them_relayed(env: Env) -> None:
+    """Its broker session never saw the updates (it first connects after them):
+    it names them in a signed gap notice, the aggregator relays the devices'
+    own updates through the ACL'd broker, and the round closes."""
+    env.committee.start(only=[1, 2])  # keyholder-2 and -3: the commit quorum (3) needs one more
+    env.start_service()
+    env.start_devices()
+    env.send(1)
+    wait_for(lambda: env.phase(1) == "decrypting", "the request")
+    time.sleep(1.5)  # re-asks: two members cannot reach the commit quorum
+    assert env.phase(1) == "decrypting"
+    env.member("keyholder-1").start()  # a fresh session: none of the updates is queued for it
+    wait_for(lambda: env.phase(1) == "done", "round 1 after the relay", timeout=40)
+    env.check_released(1)  # the exact sum of the four devices
+    assert env.service is not None
+    assert env.service.service.relayed == 4  # every update, once
+    assert env.state("keyholder-1") == {"1": request_digest(_request(env, 1)).hex()}
+    relay = env.root / "fed" / "agg.db.relay"
+    wait_for(lambda: not (relay / "1").exists(), "the kept copies of round 1 deleted")
+
+
 # ------------------------------------------------------------------ SIGKILL and restart
 
 
