@@ -94,3 +94,27 @@ def test_bench_privacy_quick(tmp_path: Path) -> None:
     for sigma in (1, 10, 1000):
         assert data[f"samples_per_s_sigma_{sigma}"] > 0
         assert f"noise_100k_sigma_{sigma}" in data["targets"]
+
+
+def test_report_gives_no_pld_figure_that_leaves_out_extra_slots(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A round that also sends a noised clipped-or-not bit costs more than its model noise."""
+    from fractions import Fraction
+
+    from edge_sdk.extras import clip_slot
+    from edge_sdk.privacy.accounting import round_cost
+
+    pol = DPPolicy(mode="distributed", epsilon=3.0, delta=1e-5, rounds=10, clip=1.0, min_clients=10)
+    spec = calibrate(pol, scale=64.0, dimension=100)
+    slots = (clip_slot(Fraction(400)),)
+    led = PrivacyLedger(tmp_path / "l.json", 3.0, 1e-5)
+    for r in range(3):
+        cost = round_cost(spec, slots)
+        led.record(f"f/{r}", cost, idempotency_key=str(r), noise=spec.to_dict())
+    assert main(["privacy", "report", "--ledger", str(tmp_path / "l.json"), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["entries_with_extra_slots"] == 3
+    assert data["pld_epsilon"] is None and "extra slots" in data["pld_note"]
+    assert data["central_epsilon"] == pytest.approx(led.spent())
+    assert data["central_epsilon"] > _ledger_with_rounds(tmp_path / "m.json", 3).spent()

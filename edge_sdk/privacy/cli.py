@@ -11,7 +11,7 @@ __all__ = ["register"]
 def _cmd_report(args: argparse.Namespace) -> int:
     from edge_sdk.cli import EXIT_OK, emit
     from edge_sdk.privacy._spec import NoiseSpec
-    from edge_sdk.privacy.accounting import gaussian_noise_multiplier, pld_epsilon
+    from edge_sdk.privacy.accounting import cost_of, gaussian_noise_multiplier, pld_epsilon
     from edge_sdk.privacy.ledger import PrivacyLedger
 
     ledger = PrivacyLedger.open_existing(args.ledger)
@@ -21,17 +21,27 @@ def _cmd_report(args: argparse.Namespace) -> int:
     pld_note = "dp-accounting not installed"
     multipliers: dict[float, int] = {}
     complete = True
+    extras = 0
     for e in ledger.entries:
         if e.noise is None:
             complete = False
             continue
         spec = NoiseSpec.from_dict(e.noise)
+        if e.cost.to_dict() != cost_of(spec).to_dict():
+            extras += 1  # the charge includes extra slots (evaluation, adaptive clipping)
         z = gaussian_noise_multiplier(spec)
         multipliers[z] = multipliers.get(z, 0) + 1
     if not ledger.entries:
         pld_note = "no rounds recorded"
     elif not complete:
         pld_note = "some entries carry no noise spec"
+    elif extras:
+        # The PLD estimate is built from the model noise alone; it would leave
+        # out what the extra slots cost, i.e. understate the spend.
+        pld_note = (
+            f"{extras} entries also charge extra slots (evaluation, adaptive clipping): "
+            "no PLD estimate, see the central figure"
+        )
     else:
         pld = pld_epsilon(sorted(multipliers.items()), ledger.delta)
         if pld is not None:
@@ -46,6 +56,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         "remaining_epsilon": ledger.remaining(),
         "pld_epsilon": pld,
         "pld_note": pld_note,
+        "entries_with_extra_slots": extras,
         "last_round": ledger.entries[-1].round_key if ledger.entries else None,
     }
     lines = [
