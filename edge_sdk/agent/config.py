@@ -72,6 +72,7 @@ class DeviceTable:
     state_dir: str
     resend_initial_s: float = 15.0
     resend_max_s: float = 300.0
+    model_fetch_s: float = 10.0
     pool_target: int = -1
 
     def __post_init__(self) -> None:
@@ -79,6 +80,8 @@ class DeviceTable:
             raise ValueError(f"id and federation must match {ID_PATTERN.pattern}")
         if not 0 < self.resend_initial_s <= self.resend_max_s:
             raise ValueError("need 0 < resend_initial_s <= resend_max_s")
+        if not self.model_fetch_s > 0:
+            raise ValueError(f"model_fetch_s must be > 0, got {self.model_fetch_s}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -183,6 +186,7 @@ class DeviceConfig:
     training: dict[str, Any] = field(default_factory=dict)
     resend_initial_s: float = 15.0
     resend_max_s: float = 300.0
+    model_fetch_s: float = 10.0
     pool_target: int = -1
 
     @property
@@ -311,5 +315,6 @@ def load_device_config(
         training=dict(doc.get("training", {})),
         resend_initial_s=device.resend_initial_s,
         resend_max_s=device.resend_max_s,
+        model_fetch_s=device.model_fetch_s,
         pool_target=device.pool_target,
     )

@@ -42,6 +42,7 @@ from edge_sdk.agent.session import (
     DeviceSession,
     Disconnected,
     Event,
+    FetchModel,
     ModelReceived,
     PrepareUpdate,
     PublishStatus,
@@ -120,6 +121,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# A model fetch subscribes at most this many exact model/{i} topics; a larger
+# model relies on the wildcard (brokers that need exact topics: RabbitMQ).
+_MAX_EXACT_MODEL_TOPICS = 4096
 
 
 class AgentHalt(Exception):
@@ -300,10 +305,13 @@ class DeviceAgent:
             federation=config.federation,
             resend_initial_ms=int(config.resend_initial_s * 1000),
             resend_max_ms=int(config.resend_max_s * 1000),
+            model_fetch_ms=max(1, int(config.model_fetch_s * 1000)),
         )
+        self._exact_model: set[str] = set()  # exact model/{i} subscriptions of a fetch
+        self.model_fetches = 0
         self.weights: FloatVec | None = None
         self.model: GlobalModel | None = None
-        self._events: queue.Queue[Event | None] = queue.Queue()
+        self._events: queue.Queue[Event | Callable[[], None] | None] = queue.Queue()
         self._reassembler = Reassembler(max_payload_size=MAX_MODEL_BYTES, max_pending=8)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -411,6 +419,10 @@ class DeviceAgent:
     def _post(self, event: Event) -> None:
         self._events.put(event)
 
+    def _post_internal(self, work: Callable[[], None]) -> None:
+        """Run ``work`` on the worker thread (transport I/O a handler must not wait for)."""
+        self._events.put(work)
+
     def _on_connection(self, event: ConnectionEvent) -> None:
         now = self.clock()
         self._post(Connected(now_ms=now) if event.connected else Disconnected(now_ms=now))
@@ -481,6 +493,9 @@ class DeviceAgent:
                     event = Tick(now_ms=self.clock())
                 if event is None:
                     break
+                if callable(event):
+                    event()
+                    continue
                 self._dispatch(event)
         except AgentHalt as exc:
             self.error = exc
@@ -504,7 +519,9 @@ class DeviceAgent:
                 event = self._events.get_nowait()
             except queue.Empty:
                 return
-            if event is not None:
+            if callable(event):
+                event()
+            elif event is not None:
                 self._dispatch(event)
 
     def _execute(self, action: Action) -> Event | None:
@@ -523,7 +540,64 @@ class DeviceAgent:
         if isinstance(action, PublishStatus):
             self._publish_status(action)
             return None
+        if isinstance(action, FetchModel):
+            self._fetch_model(action)
+            return None
         raise TypeError(f"unknown action {action!r}")
+
+    def _fetch_model(self, action: FetchModel) -> None:
+        """Ask the broker for the retained model again (the session's rule 6).
+
+        Re-subscribing the wildcard makes a broker that lost the subscription
+        (a cluster that lost a node) send the retained chunks again; an exact
+        ``model/0`` subscription reaches brokers that serve retained messages
+        only to exact topics (RabbitMQ), and the chunk it brings says how many
+        more exact topics to subscribe. Runs on the worker thread (it waits
+        for SUBACKs); the exact topics are dropped once the model is applied.
+        """
+        self.model_fetches += 1
+        log.info(
+            "%s: no model v%d yet: asking the broker again (attempt %d)",
+            self.config.device_id,
+            action.version,
+            action.attempt,
+        )
+        try:
+            with contextlib.suppress(EdgeFLError):
+                self.transport.unsubscribe(self.topics.model_filter)
+            self.transport.subscribe(self.topics.model_filter, self._on_model_chunk)
+            first = self.topics.model(0)
+            self._exact_model.discard(first)  # subscribe again: the broker resends it
+            with contextlib.suppress(EdgeFLError):
+                self.transport.unsubscribe(first)
+            self._subscribe_exact([first])
+        except EdgeFLError as exc:  # not connected, refused: the next attempt retries
+            log.warning("%s: fetching the model failed: %s", self.config.device_id, exc)
+
+    def _subscribe_exact(self, topics: list[str]) -> None:
+        for topic in topics:
+            if topic not in self._exact_model:
+                self._exact_model.add(topic)
+                self.transport.subscribe(topic, self._on_exact_model_chunk)
+
+    def _on_exact_model_chunk(self, msg: InboundMessage) -> None:
+        """A chunk from an exact subscription: the rest of the model on exact topics too."""
+        self._on_model_chunk(msg)
+        if not msg.payload or msg.topic != self.topics.model(0):
+            return
+        try:
+            total = Chunk.from_bytes(msg.payload, max_size=MAX_CHUNK_BYTES).total
+        except DecodeError:
+            return
+        rest = [self.topics.model(i) for i in range(1, min(total, _MAX_EXACT_MODEL_TOPICS))]
+        if rest:  # on the worker thread: a handler must not wait for SUBACKs
+            self._post_internal(lambda: self._subscribe_exact(rest))
+
+    def _drop_exact_model_topics(self) -> None:
+        for topic in sorted(self._exact_model):
+            with contextlib.suppress(EdgeFLError):
+                self.transport.unsubscribe(topic)
+        self._exact_model.clear()
 
     def _step(self, name: str, round_id: int) -> None:
         if self.hooks.after_step is not None:
@@ -541,6 +615,8 @@ class DeviceAgent:
 
         atomic_write(self.config.model_file, model.to_bytes(), mode=0o600)
         self.model = model
+        if self._exact_model:
+            self._drop_exact_model_topics()
         self.weights = np.frombuffer(model.weights, dtype="<f4").astype(np.float32)
         self.last_evaluation = check_evaluate_result(
             self.trainer, self.trainer.evaluate(self.weights.copy())

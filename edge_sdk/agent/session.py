@@ -22,6 +22,11 @@ Rules (the "why" of each branch):
    aggregator only announces r + 1 after closing r).
 5. A global model is applied only when its version is newer than the one
    held; its digest chain is checked on construction of the message.
+6. A device waiting for the model a round names asks the driver to fetch it
+   again (:class:`FetchModel`) after ``model_fetch_ms`` and then with a
+   doubling wait: a broker can lose a subscription (a cluster that lost a
+   node) or serve retained messages only to exact topics (RabbitMQ), and
+   the retained model would otherwise never come.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ __all__ = [
     "DeviceSession",
     "Disconnected",
     "Event",
+    "FetchModel",
     "ModelReceived",
     "OutboxEntry",
     "Phase",
@@ -196,7 +202,15 @@ class PublishStatus:
     detail: str = ""
 
 
-Action = PrepareUpdate | PublishUpdate | ClearOutbox | ApplyModel | PublishStatus
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FetchModel:
+    """Ask the broker for the retained model again (re-subscribe, exact topics too)."""
+
+    version: int
+    attempt: int
+
+
+Action = PrepareUpdate | PublishUpdate | ClearOutbox | ApplyModel | PublishStatus | FetchModel
 
 
 class Phase(enum.Enum):
@@ -217,6 +231,8 @@ class _State:
     outbox: OutboxEntry | None = None
     attempts: int = 0
     next_resend_ms: int = 0
+    fetch_attempts: int = 0
+    next_fetch_ms: int = 0
     connected: bool = False
     counters: dict[str, int] = field(default_factory=dict)
 
@@ -229,6 +245,8 @@ class DeviceSession:
         federation: its federation.
         resend_initial_ms: first wait for a receipt before resending.
         resend_max_ms: cap of the exponential resend backoff.
+        model_fetch_ms: how long to wait for a round's model before asking
+            for it again (then doubling, capped at ``resend_max_ms``).
     """
 
     def __init__(
@@ -238,6 +256,7 @@ class DeviceSession:
         federation: str,
         resend_initial_ms: int = 15_000,
         resend_max_ms: int = 300_000,
+        model_fetch_ms: int = 10_000,
     ) -> None:
         if resend_initial_ms <= 0 or resend_max_ms < resend_initial_ms:
             raise ValueError(
@@ -248,6 +267,9 @@ class DeviceSession:
         self.federation = federation
         self.resend_initial_ms = resend_initial_ms
         self.resend_max_ms = resend_max_ms
+        if model_fetch_ms <= 0:
+            raise ValueError(f"model_fetch_ms must be > 0, got {model_fetch_ms}")
+        self.model_fetch_ms = model_fetch_ms
         self._s = _State()
 
     # ------------------------------------------------------------- inspection
@@ -353,6 +375,8 @@ class DeviceSession:
         if s.model_version is None or s.model_version < ann.model_version:
             s.pending_round = ann
             s.phase = Phase.WAITING_FOR_MODEL
+            s.fetch_attempts = 0
+            s.next_fetch_ms = now_ms + self.model_fetch_ms
             return [
                 *actions,
                 PublishStatus(
@@ -435,6 +459,18 @@ class DeviceSession:
         if s.outbox is not None and s.connected and now_ms >= s.next_resend_ms:
             self._count("resend")
             return [self._resend(now_ms)]
+        pending = s.pending_round
+        if (
+            s.phase is Phase.WAITING_FOR_MODEL
+            and pending is not None
+            and s.connected
+            and now_ms >= s.next_fetch_ms
+        ):
+            s.fetch_attempts += 1
+            wait = self.model_fetch_ms * 2 ** min(s.fetch_attempts, 20)
+            s.next_fetch_ms = now_ms + min(self.resend_max_ms, wait)
+            self._count("model_fetch")
+            return [FetchModel(version=pending.model_version, attempt=s.fetch_attempts)]
         return []
 
     def _resend(self, now_ms: int) -> PublishUpdate:

@@ -93,8 +93,13 @@ class MemoryBroker:
         history: ``(client_id, topic, payload, retain)`` of every accepted publish.
     """
 
-    def __init__(self, *, max_packet_size: int | None = None) -> None:
+    def __init__(
+        self, *, max_packet_size: int | None = None, retained_exact_only: bool = False
+    ) -> None:
         self.max_packet_size = max_packet_size
+        # RabbitMQ's MQTT plugin sends retained messages only to subscriptions
+        # whose filter is exactly the topic (measured): emulated when True.
+        self.retained_exact_only = retained_exact_only
         self._lock = threading.RLock()
         self._retained: dict[str, _Message] = {}
         self._sessions: dict[str, _Session] = {}
@@ -290,6 +295,8 @@ class MemoryBroker:
         session.subs[topic_filter] = qos
         if topic_filter.startswith("$share/"):
             return  # retained messages are not sent to shared subscriptions
+        if self.retained_exact_only and ("+" in topic_filter or "#" in topic_filter):
+            return
         for topic in sorted(self._retained):
             if topic_matches(topic_filter, topic):
                 kept = self._retained[topic]
