@@ -327,6 +327,11 @@ class RequestDecryption:
     request: KeyholderRequest
 
 
+# A contributor's update is relayed to one member at most this many times per
+# request (a lost relay is sent again after keyholder_retry_ms).
+MAX_RELAYS = 3
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RelayUpdates:
     """Send these contributors' own signed updates to a member that never saw them.
@@ -334,7 +339,7 @@ class RelayUpdates:
     The member checks them as it checks the broker's copies (device
     signature, binding): relaying gives the aggregator no say in what the
     member decrypts. At most once per member and device per
-    ``keyholder_retry_ms``.
+    ``keyholder_retry_ms``, and :data:`MAX_RELAYS` times per request.
     """
 
     holder_id: str
@@ -888,7 +893,7 @@ class RoundMachine:
         self._share_results: dict[str, bytes] = {}
         self._refused: dict[str, str] = {}
         self._sum_values: tuple[int, ...] | None = None
-        self._relayed: dict[tuple[str, str], int] = {}
+        self._relayed: dict[tuple[str, str], tuple[int, int]] = {}  # -> (last ms, times)
 
     def _on_result(self, result: KeyholderResult, now: int) -> list[Action]:
         request = self._request
@@ -984,10 +989,12 @@ class RoundMachine:
         for device in gap.devices:
             if device not in self._accepted:
                 continue  # not a contributor: nothing of ours to relay
-            last = self._relayed.get((holder, device))
-            if last is not None and now - last < self.config.keyholder_retry_ms:
-                continue  # relayed recently: a flood of notices costs one relay per retry
-            self._relayed[(holder, device)] = now
+            last, times = self._relayed.get((holder, device), (None, 0))
+            if times >= MAX_RELAYS or (
+                last is not None and now - last < self.config.keyholder_retry_ms
+            ):
+                continue  # a flood of notices costs one relay per retry, at most MAX_RELAYS
+            self._relayed[(holder, device)] = (now, times + 1)
             due.append(device)
         if not due:
             return []

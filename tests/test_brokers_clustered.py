@@ -10,6 +10,8 @@ round completes only if no update is lost.
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,12 @@ import pytest
 from edge_sdk.cli import main
 from edge_sdk.errors import ConfigError
 from edge_sdk.privacy import PrivacyLedger
-from edge_sdk.transport import ConnectRefusedError, MqttTransport, TransportConfig
+from edge_sdk.transport import (
+    ConnectRefusedError,
+    InboundMessage,
+    MqttTransport,
+    TransportConfig,
+)
 from firmware_sim.broker_nats import NatsCluster
 from firmware_sim.broker_rabbitmq import RabbitMQBroker
 from firmware_sim.fleet import Fleet, FleetConfig
@@ -54,25 +61,44 @@ def test_round_over_a_nats_cluster_survives_killing_the_aggregators_node(
     nats_cluster: NatsCluster, tmp_path: Path
 ) -> None:
     urls = nats_cluster.urls
-    killed: list[dict[str, Any]] = []
+    killed_at: list[float] = []
+    round_done_at: dict[int, float] = {}
+    lock = threading.Lock()
+
+    def kill_on_first_update(message: InboundMessage) -> None:
+        # node 1 carries the aggregator, key holder 3 and devices 1 and 4; it dies as
+        # soon as the first update is on its way (seen from node 2), while round 1
+        # collects: the aggregator may not have it yet, the others are still to come
+        with lock:
+            if killed_at:
+                return
+            killed_at.append(time.monotonic())
+        threading.Thread(target=nats_cluster.kill_node, args=(0,), daemon=True).start()
 
     def progress(kind: str, data: dict[str, Any]) -> None:
-        # node 1 carries the aggregator, key holder 3 and devices 1 and 4
-        if kind == "update" and data["round"] == 1 and data["received"] >= 1 and not killed:
-            nats_cluster.kill_node(0)
-            killed.append(data)
+        if kind == "round":
+            round_done_at.setdefault(int(data["round"]), time.monotonic())
 
-    cfg = _config(",".join(urls), federation="natsfed")
-    fleet = Fleet(cfg, tmp_path / "w", progress=progress, primes=SAFE_PRIMES)
-    placement = {
-        "aggregator": fleet.transport_settings(urls, 0, 311)["url"],
-        "holders": [fleet.transport_settings(urls, k + 1, 311)["url"] for k in range(3)],
-        "devices": [fleet.transport_settings(urls, j + 2, 311)["url"] for j in range(5)],
-    }
-    assert set(placement["holders"]) == set(urls) and set(placement["devices"]) == set(urls)
-    result = fleet.run(timeout_s=240)
+    watcher = MqttTransport(
+        TransportConfig(url=urls[1], client_id="watcher", protocol=311, clean_start=True)
+    )
+    watcher.subscribe("edgefl/v1/natsfed/updates/+", kill_on_first_update, qos=0)
+    watcher.connect(timeout=30)
+    try:
+        cfg = _config(",".join(urls), federation="natsfed")
+        fleet = Fleet(cfg, tmp_path / "w", progress=progress, primes=SAFE_PRIMES)
+        placement = {
+            "aggregator": fleet.transport_settings(urls, 0, 311)["url"],
+            "holders": [fleet.transport_settings(urls, k + 1, 311)["url"] for k in range(3)],
+            "devices": [fleet.transport_settings(urls, j + 2, 311)["url"] for j in range(5)],
+        }
+        assert set(placement["holders"]) == set(urls) and set(placement["devices"]) == set(urls)
+        result = fleet.run(timeout_s=300)
+    finally:
+        watcher.close()
 
-    assert killed and killed[0]["received"] < 5, "the node must die while round 1 collects"
+    assert killed_at, "the node must die while round 1 collects"
+    assert killed_at[0] < round_done_at[1], "the node died after round 1 had closed"
     assert not nats_cluster.nodes[0].running
     assert [r.round for r in result.rounds] == [1, 2]
     assert [r.contributors for r in result.rounds] == [5, 5]  # nothing lost

@@ -167,6 +167,9 @@ def test_the_aggregator_relays_only_signed_notices_for_its_contributors(
     retry = machine.config.keyholder_retry_ms
     again = feed(gap, now + retry)
     assert len(again) == 1 and isinstance(again[0], RelayUpdates)
+    # and at most MAX_RELAYS times per member, device and request
+    assert len(feed(gap, now + 2 * retry)) == 1
+    assert feed(gap, now + 3 * retry) == [] == feed(gap, now + 10 * retry)
     svc.close()
 
 
