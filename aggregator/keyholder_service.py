@@ -285,7 +285,7 @@ class KeyholderService:
                 )
                 self._report_gap(request)
                 return
-            self._first_asked.pop(key, None)
+        self._first_asked.pop(key, None)
         self._waiting.pop(key, None)
         out = self.keyholder.handle(request)
         save_state(self.keyholder, self.state_path)  # the commitment is durable first
