@@ -49,7 +49,6 @@ import dataclasses
 import logging
 import os
 import queue
-import shutil
 import signal
 import threading
 import time
@@ -59,6 +58,7 @@ from typing import Any
 
 from aggregator.keyholder import KeyHolder, exchange
 from aggregator.metrics import Metrics
+from aggregator.relay_log import RelayLog
 from aggregator.rounds import (
     Action,
     Alert,
@@ -208,11 +208,12 @@ class AggregatorService:
         commit_max_ms: an open batch is committed once its oldest update has
             waited this long (it is also committed whenever the inbound
             queue runs dry).
-        relay_dir: where accepted updates are kept until their round ends,
-            to relay them to a committee member whose broker lost its copy
-            (``keyholder/gap`` -> ``keyholder/relay``). Written without
-            fsync: the relay is an availability aid, and a member checks
-            every relayed update's device signature. None: no relay.
+        relay_dir: where accepted updates are kept until their round ends
+            (:class:`aggregator.relay_log.RelayLog`), to relay them to a
+            committee member whose broker lost its copy (``keyholder/gap``
+            -> ``keyholder/relay``). Never fsynced: the relay is an
+            availability aid, and a member checks every relayed update's
+            device signature. None: no relay.
     """
 
     def __init__(
@@ -257,6 +258,7 @@ class AggregatorService:
         self.accept_commits = 0
         self.updates_committed = 0
         self.relay_dir = relay_dir
+        self._relay_log = None if relay_dir is None else RelayLog(relay_dir)
         self.relayed = 0
 
     # -- lifecycle -------------------------------------------------------------
@@ -306,6 +308,8 @@ class AggregatorService:
             self.transport.flush(timeout=5.0)
             self.transport.close()
         finally:
+            if self._relay_log is not None:
+                self._relay_log.close()
             self.store.close()
 
     # -- transport callbacks (transport thread: enqueue only) -------------------
@@ -421,22 +425,16 @@ class AggregatorService:
 
     # -- the witness relay -----------------------------------------------------------
 
-    def _relay_path(self, round_id: int, device_id: str) -> Path:
-        assert self.relay_dir is not None
-        return self.relay_dir / str(round_id) / f"{device_id}.upd"
-
     def _keep_for_relay(self, action: PersistAccepted) -> None:
-        if self.relay_dir is None or not action.update:
+        if self._relay_log is None or not action.update:
             return
-        path = self._relay_path(action.round_id, action.device_id)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(action.update)
+            self._relay_log.keep(action.round_id, action.device_id, action.update)
         except OSError as exc:  # the relay is an aid: a full disk must not stop the round
             log.warning("cannot keep %s's update for the witness relay: %s", action.device_id, exc)
 
     def _relay(self, action: RelayUpdates) -> None:
-        if self.relay_dir is None:
+        if self._relay_log is None:
             log.info(
                 "%s missed %d updates; no relay folder", action.holder_id, len(action.device_ids)
             )
@@ -445,8 +443,13 @@ class AggregatorService:
         size = max(self.transport.max_payload_size(topic), 4096)
         for device in action.device_ids:
             try:
-                payload = self._relay_path(action.round_id, device).read_bytes()
-            except OSError:
+                payload = self._relay_log.get(action.round_id, device)
+            except OSError as exc:
+                log.warning(
+                    "round %d: cannot read the kept update of %s: %s", action.round_id, device, exc
+                )
+                continue
+            if payload is None:
                 log.warning("round %d: no kept update of %s to relay", action.round_id, device)
                 continue
             for piece in split_payload(
@@ -462,12 +465,8 @@ class AggregatorService:
 
     def _drop_relay_copies(self) -> None:
         """Delete kept updates of rounds before the current one."""
-        if self.relay_dir is None or not self.relay_dir.exists():
-            return
-        current = self.machine.round_id
-        for folder in self.relay_dir.iterdir():
-            if not folder.name.isdigit() or int(folder.name) < current:
-                shutil.rmtree(folder, ignore_errors=True)
+        if self._relay_log is not None:
+            self._relay_log.drop_before(self.machine.round_id)
 
     # -- actions -------------------------------------------------------------------
 
@@ -482,6 +481,8 @@ class AggregatorService:
                 if self.commit_batch == 1:
                     self.crash.hit("accept_before_commit")
                     self.store.persist_accepted(action)
+                    if self._relay_log is not None:
+                        self._relay_log.flush()
                     self.accept_commits += 1
                     self.updates_committed += 1
                     self.crash.hit("accept_after_commit")
@@ -561,6 +562,8 @@ class AggregatorService:
         self.crash.hit("batch_before_commit")
         self.store.persist_accepted_batch(batch)
         self.crash.hit("batch_after_commit")
+        if self._relay_log is not None:
+            self._relay_log.flush()
         self.accept_commits += 1
         self.updates_committed += len(batch)
         for action in batch:

@@ -129,7 +129,7 @@ def test_a_member_that_missed_every_update_gets_them_relayed(env: Env) -> None:
     assert env.service.service.relayed == 4  # every update, once
     assert env.state("keyholder-1") == {"1": request_digest(_request(env, 1)).hex()}
     relay = env.root / "fed" / "agg.db.relay"
-    wait_for(lambda: not (relay / "1").exists(), "the kept copies of round 1 deleted")
+    wait_for(lambda: not (relay / "1.log").exists(), "the kept copies of round 1 deleted")
 
 
 # ------------------------------------------------------------------ SIGKILL and restart
