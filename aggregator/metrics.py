@@ -67,6 +67,12 @@ class Metrics:
         self._publish_failed = prom.Counter(
             "edgefl_publish_failures", "Failed publishes", registry=reg
         )
+        self._relayed = prom.Counter(
+            "edgefl_witness_relayed",
+            "Updates relayed to a committee member that missed them",
+            ["holder"],
+            registry=reg,
+        )
         self.enabled = True
         if port:
             prom.start_http_server(port, addr=addr, registry=reg)
@@ -113,6 +119,11 @@ class Metrics:
         """A publish failed."""
         if self.enabled:
             self._publish_failed.inc()
+
+    def relayed(self, holder: str) -> None:
+        """A kept update was relayed to ``holder`` (its broker lost the copy)."""
+        if self.enabled:
+            self._relayed.labels(holder=holder).inc()
 
     def value(self, name: str, **labels: str) -> float | None:
         """Read a sample (tests and ``status``); None when disabled or absent."""

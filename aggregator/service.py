@@ -462,6 +462,7 @@ class AggregatorService:
             ):
                 self._publish(topic, piece.to_bytes(), retain=False)
             self.relayed += 1
+            self.metrics.relayed(action.holder_id)
 
     def _drop_relay_copies(self) -> None:
         """Delete kept updates of rounds before the current one."""

@@ -127,6 +127,8 @@ def test_a_member_that_missed_every_update_gets_them_relayed(env: Env) -> None:
     env.check_released(1)  # the exact sum of the four devices
     assert env.service is not None
     assert env.service.service.relayed == 4  # every update, once
+    metrics = env.service.service.metrics
+    assert metrics.value("edgefl_witness_relayed_total", holder="keyholder-1") == 4
     assert env.state("keyholder-1") == {"1": request_digest(_request(env, 1)).hex()}
     relay = env.root / "fed" / "agg.db.relay"
     wait_for(lambda: not (relay / "1.log").exists(), "the kept copies of round 1 deleted")
