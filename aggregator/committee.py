@@ -43,6 +43,7 @@ from edge_sdk.identity import verify_signature
 from edge_sdk.protocol import KeyholderRequest, KeyholderResult, WitnessGap
 
 __all__ = [
+    "commit_quorum",
     "CommitteeManifest",
     "CommitteeVerifier",
     "HolderInfo",
@@ -53,6 +54,17 @@ __all__ = [
 
 _FORMAT = "edgefl-committee"
 _VERSION = 1
+
+
+def commit_quorum(size: int, threshold: int) -> int:
+    """Members that must commit to one request before any releases its share.
+
+    ``ceil((N + T) / 2)``: any two such sets share at least ``T`` members, so
+    with fewer than ``T`` dishonest members two different sums of one round
+    can never both be decrypted. It is also how many members must be online
+    for a round to close.
+    """
+    return -(-(size + threshold) // 2)
 
 
 def request_digest(request: KeyholderRequest) -> bytes:

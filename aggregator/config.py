@@ -316,11 +316,12 @@ def build_dev_members(
     cfg: ServiceConfig, registry: Any, manifest: Any, min_clients: int, policy: Any = None
 ) -> Any:
     """In-process members (``inprocess-insecure-dev``): T shares in one process."""
+    from aggregator.committee import commit_quorum
     from aggregator.keyholder_config import load_member_dir
     from edge_sdk.crypto import read_passphrase
 
     members = cfg.committee.members
-    quorum = -(-(manifest.size + manifest.threshold) // 2)
+    quorum = commit_quorum(manifest.size, manifest.threshold)
     if len(members) < quorum:
         raise ConfigError(
             f"[committee] inprocess-insecure-dev needs the commit quorum, "

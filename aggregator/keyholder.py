@@ -42,7 +42,12 @@ from collections.abc import Callable, Mapping, Sequence
 
 import msgpack
 
-from aggregator.committee import CommitteeManifest, request_digest, share_context
+from aggregator.committee import (
+    CommitteeManifest,
+    commit_quorum,
+    request_digest,
+    share_context,
+)
 from aggregator.intake import UpdateIntake
 from aggregator.threshold import HolderShare, decryption_share
 from edge_sdk.crypto import (
@@ -402,7 +407,7 @@ class KeyHolder:
         commits to one digest per round: two different sums of a round can
         never both reach the quorum.
         """
-        return -(-(self.manifest.size + self.manifest.threshold) // 2)
+        return commit_quorum(self.manifest.size, self.manifest.threshold)
 
     def handle(self, request: KeyholderRequest) -> KeyholderResult | KeyholderCommit:
         """Check ``request``; commit to it, and answer with a share once the commit quorum holds.

@@ -133,6 +133,7 @@ def register_ceremony(sub: Any) -> None:
 
 def _cmd_ceremony(args: argparse.Namespace) -> int:
     # The ceremony is a server-side tool; it lives with the key holders.
+    from aggregator.committee import commit_quorum
     from aggregator.keyholder_config import PolicyTerms, run_ceremony
     from edge_sdk.cli import emit
     from edge_sdk.crypto.keyfile import read_passphrase
@@ -180,6 +181,17 @@ def _cmd_ceremony(args: argparse.Namespace) -> int:
         ),
         overwrite=args.force,
     )
+    quorum = commit_quorum(args.holders, args.threshold)  # members online for a round
+    data["commit_quorum"] = quorum
+    data["members_may_be_offline"] = args.holders - quorum
+    if args.holders - quorum == 0 and args.holders > 1:
+        print(
+            f"note: a {args.threshold}-of-{args.holders} committee closes rounds only while "
+            f"all {args.holders} members are online (commit quorum {quorum}); choose "
+            f"--holders >= --threshold + 2 (e.g. {args.threshold}-of-{args.threshold + 2}) "
+            "if a member may be down during rounds",
+            file=sys.stderr,
+        )
     members = "\n".join(f"    {m}" for m in data["members"])
     text = (
         f"{args.threshold}-of-{args.holders} committee for federation {args.federation} "
@@ -190,6 +202,8 @@ def _cmd_ceremony(args: argparse.Namespace) -> int:
         f"  manifest:    {data['manifest']}  (public: aggregator and every holder)\n"
         f"  policy:      {data['policy']}  (signed by every holder; devices pin "
         f"{data['policy_digest'][:16]}...)\n"
+        f"  availability: rounds close while {quorum} of {args.holders} members are online "
+        f"({args.holders - quorum} may be down)\n"
         f"  holder folders (hand each to a different operator; no whole secret key exists):\n"
         f"{members}"
     )

@@ -74,6 +74,9 @@ def test_walkthrough(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
     )
     assert ceremony.returncode == 0, ceremony.stderr
     summary = json.loads(ceremony.stdout)
+    # 2-of-3: the commit quorum is every member, and the ceremony says so
+    assert summary["commit_quorum"] == 3 and summary["members_may_be_offline"] == 0
+    assert "all 3 members are online" in ceremony.stderr
     assert not list((tmp_path / "keys").rglob("paillier_secret.json"))  # no whole key anywhere
     no_pass = {k: v for k, v in env.items() if k != "EDGEFL_KEY_PASSPHRASE"}
     refused = edgefl(

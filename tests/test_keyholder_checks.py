@@ -351,6 +351,14 @@ def test_split_view_two_sums_to_two_halves_of_the_committee_decrypts_neither(
 def test_commit_quorum_is_n_plus_t_over_two(setup: dict[str, Any]) -> None:
     members = _members(setup)
     assert {m.commit_quorum for m in members} == {3}  # 2-of-3
+    from aggregator.committee import commit_quorum
+
+    # any two quorums share >= T members, and N - quorum members may be offline
+    for n in range(1, 12):
+        for t in range(1, n + 1):
+            q = commit_quorum(n, t)
+            assert 2 * q - n >= t and q <= n and (q - 1 < t or 2 * (q - 1) - n < t)
+    assert [commit_quorum(n, t) for n, t in ((3, 2), (4, 2), (5, 3), (1, 1))] == [3, 3, 4, 1]
     request = _request(setup, [u for u, _ in setup["ups"][:3]])
     # with one member offline the 2-of-3 committee cannot release (liveness cost)
     assert exchange(members[:2], request) == []
