@@ -104,3 +104,15 @@ def test_session_asks_again_with_a_doubling_wait_only_while_waiting_and_connecte
     s.handle(ModelReceived(now_ms=19_500, model=model(0)))
     assert s.phase is not Phase.WAITING_FOR_MODEL
     assert all(not isinstance(a, FetchModel) for a in s.handle(Tick(now_ms=10**6)))
+
+
+def test_no_second_copy_while_a_model_is_arriving(
+    tmp_path: Path, keypair: tuple[PaillierPublicKey, PaillierPrivateKey]
+) -> None:
+    agent = make_agent(tmp_path, "d0", MemoryBroker(), keypair[0])
+    agent._last_model_chunk = time.monotonic()  # a chunk came a moment ago
+    agent._fetch_model(FetchModel(version=0, attempt=1))
+    assert agent.model_fetches == 0 and agent._exact_model == set()
+    agent._last_model_chunk -= agent.config.model_fetch_s + 1  # quiet for model_fetch_s
+    agent._fetch_model(FetchModel(version=0, attempt=2))
+    assert agent.model_fetches == 1 and agent._exact_model == {Topics(FED).model(0)}

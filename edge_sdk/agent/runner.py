@@ -309,6 +309,7 @@ class DeviceAgent:
         )
         self._exact_model: set[str] = set()  # exact model/{i} subscriptions of a fetch
         self.model_fetches = 0
+        self._last_model_chunk = float("-inf")  # monotonic time of the last model chunk
         self.weights: FloatVec | None = None
         self.model: GlobalModel | None = None
         self._events: queue.Queue[Event | Callable[[], None] | None] = queue.Queue()
@@ -460,6 +461,7 @@ class DeviceAgent:
             chunk = Chunk.from_bytes(msg.payload, max_size=MAX_CHUNK_BYTES)
             if chunk.stream != "model" or chunk.federation != self.config.federation:
                 raise DecodeError("not a model chunk of this federation")
+            self._last_model_chunk = time.monotonic()
             whole = self._reassembler.add(chunk)
             if whole is None:
                 return
@@ -555,6 +557,8 @@ class DeviceAgent:
         more exact topics to subscribe. Runs on the worker thread (it waits
         for SUBACKs); the exact topics are dropped once the model is applied.
         """
+        if time.monotonic() - self._last_model_chunk < self.config.model_fetch_s:
+            return  # a model is on its way (a large one over a slow link): no second copy
         self.model_fetches += 1
         log.info(
             "%s: no model v%d yet: asking the broker again (attempt %d)",
