@@ -21,6 +21,7 @@ import pytest
 from edge_sdk.transport import (
     ConnectRefusedError,
     MqttTransport,
+    NotConnectedError,
     SubscriptionRefusedError,
     TransportConfig,
 )
@@ -220,10 +221,19 @@ def test_reload_applies_a_narrowed_acl(secured: Secured) -> None:
         assert time.monotonic() < deadline, "reload never applied"
         time.sleep(0.1)
     # the still-connected dB can no longer publish; dA, kept, still can
-    if b.connected:  # Mosquitto 2.0 keeps existing connections on reload
-        b.publish(P + "updates/dB", b"after removal")
-        assert b.flush(WAIT)
-        assert b.refused_publishes == 1
+    # Mosquitto 2.0 usually keeps existing connections on reload, but may drop
+    # one (seen in CI: dB disconnected between the check and the ack, then
+    # refused at every reconnect). Either way nothing of dB's may arrive (below).
+    if b.connected:
+        try:
+            b.publish(P + "updates/dB", b"after removal")
+        except NotConnectedError:
+            assert not b.connected
+        else:
+            if b.flush(WAIT):
+                assert b.refused_publishes == 1
+            else:
+                assert not b.connected  # dropped before the ack
     a = secured.connected("dA")
     a.publish(P + "updates/dA", b"marker")
     assert agg_inbox.until(b"marker") == []
