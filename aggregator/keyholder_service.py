@@ -223,9 +223,12 @@ class KeyholderService:
 
     def _on_update(self, message: InboundMessage) -> None:
         with self._lock:
-            self._last_update = self._clock()
             try:
                 outcome = self.keyholder.witness(message.topic, message.payload)
+                if outcome in ("stored", "partial"):
+                    # new updates still arriving (a member catching up); duplicates
+                    # (brokers redeliver, devices resend) do not count
+                    self._last_update = self._clock()
                 if outcome not in ("stored", "partial", "duplicate"):
                     seen = self.keyholder.counters.get(f"witness_{outcome}", 0)
                     if seen <= 3 or seen % 1000 == 0:  # bounded: a flood logs little
@@ -314,7 +317,7 @@ class KeyholderService:
             log.warning("publishing the gap notice failed: %s", exc)
             return
         self.gaps_sent += 1
-        log.info(
+        log.warning(
             "%s: round %d: asked for a relay of %d updates",
             self.keyholder.holder_id,
             request.round_id,

@@ -329,7 +329,7 @@ class RequestDecryption:
 
 # A contributor's update is relayed to one member at most this many times per
 # request (a lost relay is sent again after keyholder_retry_ms).
-MAX_RELAYS = 3
+MAX_RELAYS = 5
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -579,6 +579,9 @@ class Fleet:
                 spec["config"], aggregator_key=aggregator_identity.public_key_bytes
             )
         round_config = RoundConfig(
+            # re-ask members every 5 s (the service default is 30 s): a member
+            # that lost updates to a broker failover asks for their relay on a re-ask
+            keyholder_retry_ms=5_000,
             federation=cfg.federation,
             min_clients=quorum,
             target_clients=cfg.devices,
@@ -659,7 +662,12 @@ class Fleet:
                     "update", {"round": current_round, "received": last_count, "expected": expected}
                 )
         if not result.rounds:
-            raise EdgeFLError("no round completed before the timeout")
+            tails = ""
+            if self.committee is not None:  # what the members said, for the post-mortem
+                tails = "".join(
+                    f"\n--- {m.name}:\n" + "".join(m.lines[-12:]) for m in self.committee.members
+                )
+            raise EdgeFLError(f"no round completed before the timeout{tails}")
         result.dimension = self._plan.dimension
         per_update = self._plan.num_ciphertexts * self._public_key.ciphertext_bytes
         result.bytes_per_param = per_update / self._plan.dimension
