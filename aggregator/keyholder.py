@@ -295,20 +295,7 @@ class KeyHolder:
         None when nothing is missing (or the request is malformed: the
         checks refuse it). Lists at most :data:`MAX_GAP_DEVICES` devices.
         """
-        if self.missing(request) == 0:
-            return None
-        try:
-            proofs = request.proofs()
-        except DecodeError:
-            return None
-        devices: list[str] = []
-        for p in proofs:
-            if p.device_id in devices:
-                continue
-            if self.witnessed(p.device_id, p.round_id) != p.ciphertext_digest:
-                devices.append(p.device_id)
-            if len(devices) >= MAX_GAP_DEVICES:
-                break
+        devices = self._unseen(request)[:MAX_GAP_DEVICES]
         if not devices:
             return None
         unsigned = WitnessGap(
@@ -386,15 +373,21 @@ class KeyHolder:
         Zero for the request this member already committed to (its updates
         were verified then, and forgotten).
         """
+        return len(self._unseen(request))
+
+    def _unseen(self, request: KeyholderRequest) -> list[str]:
+        """The request's contributors whose listed update this member has not witnessed."""
         if not self.verify_sums or self._answered.get(request.round_id) == request_digest(request):
-            return 0
+            return []
         try:
             proofs = request.proofs()
         except DecodeError:
-            return 0  # the checks refuse it
-        return sum(
-            1 for p in proofs if self.witnessed(p.device_id, p.round_id) != p.ciphertext_digest
-        )
+            return []  # the checks refuse it
+        return [
+            p.device_id
+            for p in proofs
+            if self.witnessed(p.device_id, p.round_id) != p.ciphertext_digest
+        ]
 
     # -- requests ----------------------------------------------------------------
 

@@ -257,7 +257,6 @@ class AggregatorService:
         # Transactions that committed accepted updates, and those updates.
         self.accept_commits = 0
         self.updates_committed = 0
-        self.relay_dir = relay_dir
         self._relay_log = None if relay_dir is None else RelayLog(relay_dir)
         self.relayed = 0
 

@@ -476,6 +476,31 @@ def _intake_costs(folder: Path) -> dict[str, Any]:
     return {"intake_ms_per_update": round(per * 1000, 3)}
 
 
+def _relay_costs(folder: Path) -> dict[str, Any]:
+    """Keeping one accepted update for the witness relay: the service's log against a file each."""
+    from aggregator.relay_log import RelayLog
+
+    payload = os.urandom(1200)  # about one 64-parameter update
+    n = 3000
+    log = RelayLog(folder / "relay-log")
+    t0 = time.perf_counter()
+    for i in range(n):
+        log.keep(1, f"dev-{i:05d}", payload)
+    log.flush()
+    appended = (time.perf_counter() - t0) / n
+    log.close()
+    files = folder / "relay-files" / "1"
+    files.mkdir(parents=True)
+    t0 = time.perf_counter()
+    for i in range(n):
+        (files / f"dev-{i:05d}.upd").write_bytes(payload)
+    one_file = (time.perf_counter() - t0) / n
+    return {
+        "relay_log_keep_us": round(appended * 1e6, 1),
+        "relay_file_per_update_us": round(one_file * 1e6, 1),
+    }
+
+
 def _component_costs(folder: Path) -> dict[str, Any]:
     """Micro-measures of an update's parts on this machine (same run)."""
     from aggregator.threshold import ceremony
@@ -497,6 +522,7 @@ def _component_costs(folder: Path) -> dict[str, Any]:
     db.close()
     out.update(_store_costs(folder))
     out.update(_intake_costs(folder))
+    out.update(_relay_costs(folder))
     ident = DeviceIdentity.generate("cost")
     msg = os.urandom(700)
     t0 = time.perf_counter()

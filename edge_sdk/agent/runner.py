@@ -455,8 +455,12 @@ class DeviceAgent:
         self._post(RoundReceived(now_ms=self.clock(), announcement=ann))
 
     def _on_model_chunk(self, msg: InboundMessage) -> None:
+        self._take_model_chunk(msg)
+
+    def _take_model_chunk(self, msg: InboundMessage) -> Chunk | None:
+        """Reassemble one model chunk (posting the model once whole); the chunk, if valid."""
         if not msg.payload:
-            return  # a cleared retained chunk
+            return None  # a cleared retained chunk
         try:
             chunk = Chunk.from_bytes(msg.payload, max_size=MAX_CHUNK_BYTES)
             if chunk.stream != "model" or chunk.federation != self.config.federation:
@@ -464,15 +468,15 @@ class DeviceAgent:
             self._last_model_chunk = time.monotonic()
             whole = self._reassembler.add(chunk)
             if whole is None:
-                return
+                return chunk
             model = GlobalModel.from_bytes(whole, max_size=MAX_MODEL_BYTES)
         except DecodeError as exc:
             self.rejected_inbound += 1
             log.warning("ignoring bad model data: %s", exc)
-            return
-        if not self._authentic(model, "global model"):
-            return
-        self._post(ModelReceived(now_ms=self.clock(), model=model))
+            return None
+        if self._authentic(model, "global model"):
+            self._post(ModelReceived(now_ms=self.clock(), model=model))
+        return chunk
 
     def _on_receipt(self, msg: InboundMessage) -> None:
         try:
@@ -586,14 +590,10 @@ class DeviceAgent:
 
     def _on_exact_model_chunk(self, msg: InboundMessage) -> None:
         """A chunk from an exact subscription: the rest of the model on exact topics too."""
-        self._on_model_chunk(msg)
-        if not msg.payload or msg.topic != self.topics.model(0):
+        chunk = self._take_model_chunk(msg)
+        if chunk is None or msg.topic != self.topics.model(0):
             return
-        try:
-            total = Chunk.from_bytes(msg.payload, max_size=MAX_CHUNK_BYTES).total
-        except DecodeError:
-            return
-        rest = [self.topics.model(i) for i in range(1, min(total, _MAX_EXACT_MODEL_TOPICS))]
+        rest = [self.topics.model(i) for i in range(1, min(chunk.total, _MAX_EXACT_MODEL_TOPICS))]
         if rest:  # on the worker thread: a handler must not wait for SUBACKs
             self._post_internal(lambda: self._subscribe_exact(rest))
 
