@@ -24,6 +24,13 @@ def register(parser: argparse.ArgumentParser) -> None:
     serve.add_argument(
         "--exit-when-done", action="store_true", help="exit after the configured rounds"
     )
+    serve.add_argument(
+        "--worker",
+        type=int,
+        metavar="K",
+        help="run worker K (0..workers-1) of a sharded aggregator ([aggregator] workers > 1) "
+        "instead of its root",
+    )
     serve.set_defaults(func=_serve)
     ident = sub.add_parser(
         "identity", help="print the aggregator's signing public key (for device configs)"
@@ -93,7 +100,7 @@ def _serve(args: argparse.Namespace) -> int:
     from aggregator.config import build_aggregator, load_config
 
     cfg = load_config(args.config)
-    service = build_aggregator(cfg)
+    service = build_aggregator(cfg, worker=args.worker)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -103,15 +110,18 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     tick = cfg.aggregator.tick_s
     service.start()
+    role = "" if args.worker is None else f" worker {args.worker} of {cfg.aggregator.workers}"
+    if args.worker is None and cfg.aggregator.workers > 1:
+        role = f" root of {cfg.aggregator.workers} workers"
     print(
-        f"aggregator serving federation {service.machine.config.federation}: "
+        f"aggregator{role} serving federation {service.machine.config.federation}: "
         f"round {service.machine.round_id} ({service.machine.phase})",
         flush=True,
     )
     try:
         while not stop.is_set():
             service.pump(timeout=tick)
-            if args.exit_when_done and service.machine.finished:
+            if args.exit_when_done and service.done:
                 break
     finally:
         service.close()

@@ -67,6 +67,9 @@ commit_batch = 64                    # group commit: most accepted updates per t
                                      # (one fsync each); 1 = one commit per update
 commit_max_ms = 5                    # ...and most ms an accepted update waits for its batch;
                                      # receipts are sent only once their batch is on disk
+workers = 1                          # > 1: a root (`edgefl aggregator serve`) and this many
+                                     # workers (`... serve --worker K`, K = 0..workers-1), each
+                                     # taking one shard of the devices (docs/scale.md)
 
 [aggregator.optimizer]
 name = "fedavg"                      # fedavg | fedavgm | fedadam | fedyogi | fedadagrad
@@ -148,6 +151,7 @@ class AggregatorTable:
     commit_batch: int = 64
     commit_max_ms: float = 5.0
     witness_relay: bool = True
+    workers: int = 1
     optimizer: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] | None = None
     adaptive_clip: dict[str, Any] | None = None
@@ -166,6 +170,8 @@ class AggregatorTable:
         if not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be a port number, got {self.metrics_port}")
         commit_settings({"commit_batch": self.commit_batch, "commit_max_ms": self.commit_max_ms})
+        if not 1 <= self.workers <= 256:
+            raise ValueError(f"workers must be in 1..256, got {self.workers}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -421,8 +427,23 @@ def _learning_tables(agg: AggregatorTable, fed_policy: Any) -> tuple[Any, Any]:
     return evaluation, adaptive
 
 
-def build_aggregator(cfg: ServiceConfig, *, transport: Any = None) -> Any:
-    """Build the :class:`~aggregator.service.AggregatorService` of this config."""
+def worker_store(store: Path, shard: int) -> Path:
+    """Worker ``shard``'s own store beside the root's (``agg.db``: ``agg.worker-0.db``)."""
+    return store.with_name(f"{store.stem}.worker-{shard}{store.suffix}")
+
+
+def build_aggregator(
+    cfg: ServiceConfig, *, transport: Any = None, worker: int | None = None
+) -> Any:
+    """Build the :class:`~aggregator.service.AggregatorService` of this config.
+
+    With ``[aggregator] workers`` > 1 it is the round's root, or with
+    ``worker`` = K the worker owning shard K (its own store and MQTT session).
+
+    Raises:
+        ConfigError: the config is inconsistent, or ``worker`` is given
+            without workers or out of range.
+    """
     import numpy as np
 
     from aggregator.committee import CommitteeVerifier
@@ -539,23 +560,51 @@ def build_aggregator(cfg: ServiceConfig, *, transport: Any = None) -> Any:
             len(cfg.committee.members),
         )
         members = build_dev_members(cfg, registry, manifest, min_clients, fed_policy)
-    machine = RoundMachine(
-        round_config,
-        plan,
-        registry,
-        make_optimizer(agg.optimizer),
-        initial_weights=weights,
-        committee=CommitteeVerifier(manifest),
-        identity=aggregator_identity(cfg),
-        binding=None if fed_policy is None else fed_policy.djn_base,
-    )
+    common: dict[str, Any] = {
+        "initial_weights": weights,
+        "committee": CommitteeVerifier(manifest),
+        "identity": aggregator_identity(cfg),
+        "binding": None if fed_policy is None else fed_policy.djn_base,
+    }
+    optimizer = make_optimizer(agg.optimizer)
+    store_path = cfg.path(agg.store)
+    broker = dict(cfg.broker)
+    if worker is not None and agg.workers < 2:
+        raise ConfigError("--worker needs [aggregator] workers >= 2")
+    if worker is not None and not 0 <= worker < agg.workers:
+        raise ConfigError(f"--worker must be in 0..{agg.workers - 1}, got {worker}")
+    if agg.workers > 1 and members:
+        raise ConfigError(
+            "[committee] mode = inprocess-insecure-dev cannot run with [aggregator] workers > 1 "
+            "(the members witness updates the workers take)"
+        )
+    machine: RoundMachine
+    try:
+        if worker is not None:
+            from aggregator.shards import WorkerMachine, worker_id
+
+            machine = WorkerMachine(
+                round_config, plan, registry, optimizer, shard=worker, shards=agg.workers, **common
+            )
+            store_path = worker_store(store_path, worker)
+            broker["client_id"] = f"{broker.get('client_id', 'aggregator')}-{worker_id(worker)}"
+        elif agg.workers > 1:
+            from aggregator.shards import RootMachine
+
+            machine = RootMachine(
+                round_config, plan, registry, optimizer, shards=agg.workers, **common
+            )
+        else:
+            machine = RoundMachine(round_config, plan, registry, optimizer, **common)
+    except ValueError as exc:
+        raise ConfigError(f"[aggregator]: {exc}") from None
     store = AggregatorStore(
-        cfg.path(agg.store),
+        store_path,
         federation=federation,
         key_fingerprint=public_key.fingerprint,
     )
     if transport is None:
-        transport = make_transport(cfg.broker, default_client_id="aggregator")
+        transport = make_transport(broker, default_client_id="aggregator")
     return AggregatorService(
         machine,
         store,
@@ -565,7 +614,7 @@ def build_aggregator(cfg: ServiceConfig, *, transport: Any = None) -> Any:
         crash=CrashHook(),
         commit_batch=agg.commit_batch,
         commit_max_ms=agg.commit_max_ms,
-        relay_dir=relay_folder(cfg.path(agg.store)) if agg.witness_relay else None,
+        relay_dir=relay_folder(store_path) if agg.witness_relay else None,
     )
 
 

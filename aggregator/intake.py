@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from edge_sdk.errors import DecodeError
-from edge_sdk.protocol import Chunk, EncryptedUpdate, Reassembler, parse_topic
+from edge_sdk.protocol import Chunk, EncryptedUpdate, Reassembler, parse_topic, shard_of
 
 __all__ = ["Intake", "UpdateIntake"]
 
@@ -68,8 +68,17 @@ class UpdateIntake:
         max_pending: int = 2,
         max_devices: int = 1 << 16,
         admit: Callable[[str], str | None] | None = None,
+        shard: tuple[int, int] | None = None,
+        any_shard: bool = False,
     ) -> None:
         self.federation = federation
+        #: (shard, shards) of an aggregator worker: it takes only
+        #: ``updates/{shard}/{device}`` of devices whose shard that is; None:
+        #: a single aggregator, it takes only ``updates/{device}``.
+        self.shard = shard
+        #: a committee member: takes both topic forms, on any shard (it only
+        #: witnesses; which worker counts an update is not its concern).
+        self.any_shard = any_shard
         self.max_update_bytes = max_update_bytes
         self.max_pending = max_pending
         self.max_devices = max_devices
@@ -100,6 +109,13 @@ class UpdateIntake:
         ):
             return Intake(None, None, None, "topic", topic[:128])
         device = parsed.device_id
+        if self.any_shard:
+            pass
+        elif self.shard is None:
+            if parsed.index is not None:
+                return Intake(device, None, None, "wrong_shard", "sharded topic, unsharded round")
+        elif parsed.index != self.shard[0] or shard_of(device, self.shard[1]) != self.shard[0]:
+            return Intake(device, None, None, "wrong_shard", f"topic shard {parsed.index}")
         if self.admit is not None and (refused := self.admit(device)) is not None:
             return Intake(device, None, None, refused)
         try:

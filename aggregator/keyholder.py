@@ -224,6 +224,7 @@ class KeyHolder:
             self.federation,
             max_update_bytes=max_update_bytes,
             admit=lambda device: None if self.registry.is_active(device) else "unknown_device",
+            any_shard=True,
         )
         self.counters: dict[str, int] = {}
 

@@ -171,6 +171,8 @@ class KeyholderService:
         """Subscribe and connect."""
         self.transport.subscribe(self.topics.keyholder_request, self._on_message, qos=1)
         self.transport.subscribe(self.topics.updates_filter, self._on_update, qos=1)
+        # rounds split over aggregator workers: updates/{shard}/{device}
+        self.transport.subscribe(self.topics.sharded_updates_filter, self._on_update, qos=1)
         self.transport.subscribe(self.topics.keyholder_commit_filter, self._on_commit, qos=1)
         self.transport.subscribe(
             self.topics.keyholder_relay(self.keyholder.holder_id), self._on_relay, qos=1

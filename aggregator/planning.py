@@ -393,8 +393,11 @@ def build_announcement(
     deadline_ms: int,
     cohort: Sequence[str] = (),
     train: Sequence[tuple[str, Any]] = (),
+    shards: int = 1,
 ) -> RoundAnnouncement:
     """The retained announcement of one round under ``plan`` (its packing for ``round_id``).
+
+    ``shards`` > 1: the round's updates go to that many aggregator workers.
 
     Without a noise spec the clip travels in ``train`` as ``("clip", C)`` so
     HE-only devices still clip (the pipeline's ``clip=`` argument).
@@ -413,6 +416,7 @@ def build_announcement(
         min_clients=plan.min_clients,
         max_contributors=plan.max_contributors,
         key_fingerprint=bytes.fromhex(plan.public_key.fingerprint),
+        shards=shards,
         packing=plan.packing_for(round_id).to_bytes(),
         packing_digest=plan.packing_for(round_id).digest(),
         privacy=plan.privacy_field,

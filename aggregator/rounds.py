@@ -75,8 +75,10 @@ from edge_sdk.protocol import (
     GlobalModel,
     KeyholderRequest,
     KeyholderResult,
+    PartialSum,
     Receipt,
     RoundAnnouncement,
+    ShardControl,
     Topics,
     WitnessGap,
     model_digest,
@@ -88,9 +90,11 @@ __all__ = [
     "Action",
     "Alert",
     "Commit",
+    "ControlReceived",
     "Event",
     "KeyholderAnswered",
     "MessageReceived",
+    "PartialReceived",
     "PersistAccepted",
     "Publish",
     "Rejected",
@@ -110,7 +114,10 @@ _S = TypeVar("_S", bound=SignedMessage)
 
 log = logging.getLogger("edgefl.aggregator.rounds")
 
-PHASES = ("collecting", "decrypting", "done", "failed")
+#: ``sealing`` (an aggregator root waiting for its workers' final partial
+#: sums) and ``sealed`` (a worker's round once the root sealed it) occur only
+#: in sharded aggregators (``aggregator.shards``).
+PHASES = ("collecting", "sealing", "sealed", "decrypting", "done", "failed")
 
 #: Bytes allowed for an update's envelope beyond its ciphertext blob (ten header
 #: fields with ids of at most 64 characters, digests, signature: well under 1 KiB).
@@ -270,7 +277,31 @@ class WitnessGapReported:
     now_ms: int
 
 
-Event = Start | MessageReceived | Tick | KeyholderAnswered | WitnessGapReported
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ControlReceived:
+    """A sharded aggregator's worker saw its root's (retained) control message."""
+
+    control: ShardControl
+    now_ms: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PartialReceived:
+    """A sharded aggregator's root got a worker's partial sum (reassembled)."""
+
+    partial: PartialSum
+    now_ms: int
+
+
+Event = (
+    Start
+    | MessageReceived
+    | Tick
+    | KeyholderAnswered
+    | WitnessGapReported
+    | ControlReceived
+    | PartialReceived
+)
 
 
 # ----------------------------------------------------------------- actions
@@ -468,6 +499,8 @@ class RoundMachine:
         self._request: KeyholderRequest | None = None
         self._previous_request_id: str | None = None
         self._last_request_ms = 0
+        #: what announcements say in ``shards`` (a sharded root announces its workers)
+        self.announce_shards = 1
         self._reset_shares()
 
     def _plan_for(self, clip: float) -> RoundPlan:
@@ -612,20 +645,7 @@ class RoundMachine:
             # A new model starts a fresh optimizer: momentum or moments left in
             # the object from another run would otherwise step the new model.
             self.optimizer.load_state(b"")
-            weights = self._initial.astype("<f4").tobytes()
-            parent = bytes(32)
-            model = self._sign(
-                GlobalModel(
-                    federation=self.config.federation,
-                    version=0,
-                    round_id=0,
-                    parent_digest=parent,
-                    digest=model_digest(0, parent, weights),
-                    num_params=self.plan.dimension,
-                    weights=weights,
-                    created_ms=now,
-                )
-            )
+            model = self._initial_model(now)
             self._model = model
             record = self._open(1, now)
             actions.append(
@@ -637,6 +657,24 @@ class RoundMachine:
             self._last_request_ms = now
             actions.append(RequestDecryption(request=self._request))
         return actions
+
+    def _initial_model(self, now: int) -> GlobalModel:
+        """Version 0: the configured initial weights (needs ``initial_weights``)."""
+        assert self._initial is not None
+        weights = self._initial.astype("<f4").tobytes()
+        parent = bytes(32)
+        return self._sign(
+            GlobalModel(
+                federation=self.config.federation,
+                version=0,
+                round_id=0,
+                parent_digest=parent,
+                digest=model_digest(0, parent, weights),
+                num_params=self.plan.dimension,
+                weights=weights,
+                created_ms=now,
+            )
+        )
 
     def _sign(self, message: _S) -> _S:
         return message if self.identity is None else sign_message(message, self.identity)
@@ -654,6 +692,7 @@ class RoundMachine:
                 deadline_ms=now + self.config.round_duration_ms,
                 cohort=self.config.cohort,
                 train=self.config.train,
+                shards=self.announce_shards,
             )
         )
         record = RoundRecord(
@@ -789,7 +828,7 @@ class RoundMachine:
         if update.num_params != self._length or update.num_ciphertexts != self._num_ct:
             detail = f"{update.num_params} params / {update.num_ciphertexts} ciphertexts"
             return self._reject(device, r, "wrong_shape", detail, update, now)
-        if self._acc.count >= self.plan.max_contributors:
+        if self._acc.count >= self._capacity():
             return self._reject(device, r, "round_full", "", update, now)
         try:
             vector = CiphertextVector.from_bytes(update.ciphertexts, self.public_key, self._num_ct)
@@ -819,9 +858,17 @@ class RoundMachine:
             ),
             self._receipt(device, update, "accepted", now),
         ]
+        return actions + self._after_accept(now)
+
+    def _capacity(self) -> int:
+        """Most updates this machine's sum may hold (the packing's headroom)."""
+        return self.plan.max_contributors
+
+    def _after_accept(self, now: int) -> list[Action]:
+        """Close once the target is reached (a worker leaves that to its root)."""
         if self._acc.count >= self.config.target_clients:
-            actions += self._close(now)
-        return actions
+            return self._close(now)
+        return []
 
     # -- closing -----------------------------------------------------------
 
@@ -985,6 +1032,11 @@ class RoundMachine:
         holder = gap.holder_id
         if holder in self._shares or holder in self._refused:
             return []  # it answered already
+        return self._relay_due(gap, now)
+
+    def _relay_due(self, gap: WitnessGap, now: int) -> list[Action]:
+        """Relay the gap's devices that are ours, each at most once per retry and MAX_RELAYS."""
+        holder = gap.holder_id
         due: list[str] = []
         for device in gap.devices:
             if device not in self._accepted:

@@ -63,9 +63,11 @@ from aggregator.rounds import (
     Action,
     Alert,
     Commit,
+    ControlReceived,
     Event,
     KeyholderAnswered,
     MessageReceived,
+    PartialReceived,
     PersistAccepted,
     Publish,
     Rejected,
@@ -77,18 +79,21 @@ from aggregator.rounds import (
     Tick,
     WitnessGapReported,
 )
+from aggregator.shards import RootMachine, WorkerMachine
 from aggregator.store import AggregatorStore
 from edge_sdk.errors import DecodeError
 from edge_sdk.protocol import (
     Chunk,
     KeyholderResult,
+    PartialSum,
     Reassembler,
+    ShardControl,
     Topics,
     WitnessGap,
     parse_topic,
     split_payload,
 )
-from edge_sdk.protocol.limits import MAX_SHARE_BYTES
+from edge_sdk.protocol.limits import MAX_ANNOUNCEMENT_BYTES, MAX_REQUEST_BYTES, MAX_SHARE_BYTES
 from edge_sdk.transport import InboundMessage, Transport, TransportError
 
 __all__ = [
@@ -139,6 +144,10 @@ def _commit_kind(action: Commit) -> str:
     last = action.records[-1]
     if action.model is not None and action.model.version == 0:
         return "init"
+    if last.phase in ("sealing", "sealed"):
+        return "seal"  # a sharded root or worker ends collection
+    if last.phase == "collecting" and len(action.records) == 1 and action.model is None:
+        return "open"  # a worker adopts the root's next round
     if last.phase == "decrypting":
         return "close"
     if action.model is not None:
@@ -235,6 +244,8 @@ class AggregatorService:
             raise ValueError(f"commit_batch must be >= 1, got {commit_batch}")
         if commit_max_ms < 0:
             raise ValueError(f"commit_max_ms must be >= 0, got {commit_max_ms}")
+        if keyholders and isinstance(machine, (RootMachine, WorkerMachine)):
+            raise ValueError("in-process key holders cannot serve a sharded aggregator")
         self.machine = machine
         self.store = store
         self.transport = transport
@@ -245,6 +256,8 @@ class AggregatorService:
         self.topics = Topics(machine.config.federation)
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._kh_reassembler = Reassembler(max_payload_size=MAX_SHARE_BYTES, max_pending=8)
+        # a sharded root: its workers' partial sums (a sealed one can be large)
+        self._partial_reassembler = Reassembler(max_payload_size=MAX_REQUEST_BYTES, max_pending=8)
         self.alerts = AlertLimiter()
         self._started = False
         self.commit_batch = commit_batch
@@ -273,18 +286,37 @@ class AggregatorService:
                 snapshot.current.phase,
                 snapshot.count,
             )
-        self.transport.subscribe(self.topics.updates_filter, self._on_message, qos=1)
-        if not self.keyholders:
-            self.transport.subscribe(
-                self.topics.keyholder_result_filter, self._on_kh_message, qos=1
-            )
-            self.transport.subscribe(self.topics.keyholder_gap_filter, self._on_gap_message, qos=1)
+        self._subscribe()
         self.transport.on_connection_change(self._on_connection)
         self.transport.connect(timeout=connect_timeout)
         self._started = True
         self._fit_chunks_to_transport()
         self.feed(Start(now_ms=self.clock_ms()))
         self.crash.hit("after_start")
+
+    def _subscribe(self) -> None:
+        """What this service takes: a single aggregator, a sharded root or one worker."""
+        machine = self.machine
+        sub = self.transport.subscribe
+        if isinstance(machine, WorkerMachine):
+            # its shard's updates, the root's control, and gap notices (it holds the updates)
+            sub(self.topics.shard_updates_filter(machine.shard), self._on_message, qos=1)
+            sub(self.topics.shard_control, self._on_control_message, qos=1)
+            sub(self.topics.keyholder_gap_filter, self._on_gap_message, qos=1)
+            return
+        if isinstance(machine, RootMachine):
+            sub(self.topics.partial_filter, self._on_partial_message, qos=1)
+            sub(self.topics.keyholder_result_filter, self._on_kh_message, qos=1)
+            return
+        sub(self.topics.updates_filter, self._on_message, qos=1)
+        if not self.keyholders:
+            sub(self.topics.keyholder_result_filter, self._on_kh_message, qos=1)
+            sub(self.topics.keyholder_gap_filter, self._on_gap_message, qos=1)
+
+    @property
+    def done(self) -> bool:
+        """The configured rounds are done (a worker learns it from its root)."""
+        return self.machine.finished
 
     def _fit_chunks_to_transport(self) -> None:
         """Chunk models to what the broker accepts.
@@ -321,6 +353,12 @@ class AggregatorService:
 
     def _on_gap_message(self, message: InboundMessage) -> None:
         self._queue.put(("gap", message))
+
+    def _on_control_message(self, message: InboundMessage) -> None:
+        self._queue.put(("control", message))
+
+    def _on_partial_message(self, message: InboundMessage) -> None:
+        self._queue.put(("partial", message))
 
     def _on_connection(self, event: Any) -> None:
         if getattr(event, "connected", False):
@@ -381,22 +419,31 @@ class AggregatorService:
             self._keyholder_message(message)
         elif kind == "gap":
             self._gap_message(message)
+        elif kind == "control":
+            self._control_message(message)
+        elif kind == "partial":
+            self._partial_message(message)
         if self._batch:
             self._deferred.append(message)  # acknowledged once the batch is durable
         else:
             message.ack()
 
+    @staticmethod
+    def _reassemble(message: InboundMessage, kind: str, into: Reassembler) -> bytes | None:
+        """A chunk of a sender's own ``{kind}/{sender}`` topic; the whole payload once complete.
+
+        Raises:
+            DecodeError: not a chunk, or not from the sender its topic names.
+        """
+        parsed = parse_topic(message.topic)
+        chunk = Chunk.from_bytes(message.payload)
+        if parsed is None or parsed.kind != kind or chunk.sender != parsed.device_id:
+            raise DecodeError(f"chunk not from its sender's {kind} topic", reason="sender")
+        return into.add(chunk)
+
     def _keyholder_message(self, message: InboundMessage) -> None:
         try:
-            parsed = parse_topic(message.topic)
-            chunk = Chunk.from_bytes(message.payload)
-            if (
-                parsed is None
-                or parsed.kind != "keyholder/result"
-                or chunk.sender != parsed.device_id
-            ):
-                raise DecodeError("result chunk not from its holder's topic", reason="sender")
-            payload = self._kh_reassembler.add(chunk)
+            payload = self._reassemble(message, "keyholder/result", self._kh_reassembler)
             if payload is None:
                 return
             result = KeyholderResult.from_bytes(payload, max_size=MAX_SHARE_BYTES)
@@ -421,6 +468,31 @@ class AggregatorService:
             self.metrics.rejection(f"witness_gap_{exc.reason}")
             return
         self.feed(WitnessGapReported(gap=gap, now_ms=self.clock_ms()))
+
+    def _control_message(self, message: InboundMessage) -> None:
+        if not message.payload:
+            return  # a cleared retained message
+        try:
+            control = ShardControl.from_bytes(message.payload, max_size=2 * MAX_ANNOUNCEMENT_BYTES)
+        except DecodeError as exc:
+            log.warning("bad control message: %s", exc)
+            self.metrics.rejection(f"control_{exc.reason}")
+            return
+        self.feed(ControlReceived(control=control, now_ms=self.clock_ms()))
+
+    def _partial_message(self, message: InboundMessage) -> None:
+        try:
+            payload = self._reassemble(message, "aggregator/partial", self._partial_reassembler)
+            if payload is None:
+                return
+            partial = PartialSum.from_bytes(payload, max_size=MAX_REQUEST_BYTES)
+            if not message.topic.endswith(f"/{partial.worker_id}"):
+                raise DecodeError("partial sum of another worker", reason="sender")
+        except DecodeError as exc:
+            log.warning("bad partial sum: %s", exc)
+            self.metrics.rejection(f"partial_{exc.reason}")
+            return
+        self.feed(PartialReceived(partial=partial, now_ms=self.clock_ms()))
 
     # -- the witness relay -----------------------------------------------------------
 

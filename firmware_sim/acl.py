@@ -162,6 +162,7 @@ def acl_grants(
             TopicGrant(access="write", topic=prefix + "model/+"),
             TopicGrant(access="write", topic=prefix + "round"),
             TopicGrant(access="read", topic=prefix + "updates/+"),
+            TopicGrant(access="read", topic=prefix + "updates/+/+"),  # sharded rounds
             TopicGrant(access="write", topic=prefix + "ack/+"),
             TopicGrant(access="read", topic=prefix + "status/+"),
             TopicGrant(access="write", topic=prefix + KEYHOLDER_REQUEST_TOPIC),
@@ -169,6 +170,9 @@ def acl_grants(
             # witness relay: members' gap notices in, devices' signed updates out
             TopicGrant(access="read", topic=prefix + KEYHOLDER_GAP_TOPIC.format(holder="+")),
             TopicGrant(access="write", topic=prefix + KEYHOLDER_RELAY_TOPIC.format(holder="+")),
+            # aggregator workers and their root (one identity): control and partial sums
+            TopicGrant(access="readwrite", topic=prefix + "aggregator/control"),
+            TopicGrant(access="readwrite", topic=prefix + "aggregator/partial/+"),
         ),
     }
     for holder in holders:
@@ -176,6 +180,7 @@ def acl_grants(
             # read-only witness of the ciphertexts: a key holder decrypts a
             # sum only if it can rebuild it from the devices' own updates
             TopicGrant(access="read", topic=prefix + "updates/+"),
+            TopicGrant(access="read", topic=prefix + "updates/+/+"),  # sharded rounds
             TopicGrant(access="read", topic=prefix + KEYHOLDER_REQUEST_TOPIC),
             TopicGrant(access="write", topic=keyholder_result_topic(federation, holder)),
             # the commit phase: each member's one signed request digest per round
@@ -193,6 +198,9 @@ def acl_grants(
             TopicGrant(access="read", topic=prefix + "model/+"),
             TopicGrant(access="read", topic=prefix + "round"),
             TopicGrant(access="write", topic=f"{prefix}updates/{device}"),
+            # a round over aggregator workers: its shard's topic (workers check
+            # the shard is the device's own, so any other shard only loses it)
+            TopicGrant(access="write", topic=f"{prefix}updates/+/{device}"),
             TopicGrant(access="read", topic=f"{prefix}ack/{device}"),
             TopicGrant(access="write", topic=f"{prefix}status/{device}"),
         )

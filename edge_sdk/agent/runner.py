@@ -322,6 +322,11 @@ class DeviceAgent:
         self.last_private: PrivatizedUpdate | None = None
         self._filler: BackgroundFill | None = None
         self.rounds_sent: list[int] = []
+        # Aggregator workers per round (the announcement's ``shards``): an
+        # update goes to its round's shard topic; a round not seen since a
+        # restart goes where the latest announcement says.
+        self._shards: dict[int, int] = {}
+        self._latest_shards = 1
         self.error: BaseException | None = None
         self._load_model()
 
@@ -452,6 +457,10 @@ class DeviceAgent:
             return
         if not self._authentic(ann, "round announcement"):
             return
+        self._shards[ann.round_id] = ann.shards
+        self._latest_shards = ann.shards
+        while len(self._shards) > 16:
+            del self._shards[min(self._shards)]
         self._post(RoundReceived(now_ms=self.clock(), announcement=ann))
 
     def _on_model_chunk(self, msg: InboundMessage) -> None:
@@ -739,7 +748,9 @@ class DeviceAgent:
         entry = action.entry
         if self.hooks.before_publish is not None:
             self.hooks.before_publish(entry.round_id, action.attempt)
-        limit = self.transport.max_payload_size(self.topics.updates(self.config.device_id))
+        shards = self._shards.get(entry.round_id, self._latest_shards)
+        topic = self.topics.round_updates(self.config.device_id, shards)
+        limit = self.transport.max_payload_size(topic)
         chunks = split_payload(
             entry.payload,
             federation=self.config.federation,
@@ -748,7 +759,6 @@ class DeviceAgent:
             round_id=entry.round_id,
             max_message_size=limit,
         )
-        topic = self.topics.updates(self.config.device_id)
         try:
             for chunk in chunks:
                 self.transport.publish(topic, chunk.to_bytes(), qos=1)

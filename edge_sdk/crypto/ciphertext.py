@@ -383,13 +383,23 @@ class CiphertextAccumulator:
         Raises:
             CryptoError: another key. ValueError: another length.
         """
+        self.merge(vector, 1)
+
+    def merge(self, vector: CiphertextVector, count: int) -> None:
+        """Fold in a partial sum of ``count`` contributions (another accumulator's value).
+
+        Raises:
+            CryptoError: another key. ValueError: another length, or ``count`` < 0.
+        """
         if vector.public_key != self._public_key:
             raise CryptoError("vector is under a different public key")
         if len(vector) != self._length:
             raise ValueError(f"vector has length {len(vector)}, expected {self._length}")
+        if count < 0:
+            raise ValueError(f"count must be >= 0, got {count}")
         nsq = self._public_key._nsq
         self._acc = [a * c % nsq for a, c in zip(self._acc, vector._values, strict=True)]
-        self._count += 1
+        self._count += count
 
     @property
     def value(self) -> CiphertextVector:

@@ -15,14 +15,16 @@ from edge_sdk.protocol.messages import (
     KeyholderCommit,
     KeyholderRequest,
     KeyholderResult,
+    PartialSum,
     Receipt,
     RoundAnnouncement,
+    ShardControl,
     WitnessGap,
     decode_message,
     digest,
     model_digest,
 )
-from edge_sdk.protocol.topics import ParsedTopic, Topics, parse_topic
+from edge_sdk.protocol.topics import MAX_SHARDS, ParsedTopic, Topics, parse_topic, shard_of
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
@@ -37,15 +39,19 @@ __all__ = [
     "KeyholderCommit",
     "KeyholderResult",
     "Message",
+    "MAX_SHARDS",
     "ParsedTopic",
+    "PartialSum",
     "Reassembler",
     "Receipt",
     "RoundAnnouncement",
+    "ShardControl",
     "Topics",
     "WitnessGap",
     "decode_message",
     "digest",
     "model_digest",
     "parse_topic",
+    "shard_of",
     "split_payload",
 ]

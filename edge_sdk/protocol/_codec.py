@@ -178,12 +178,18 @@ class Message:
     Subclasses set ``KIND`` and ``RULES`` (one rule per field, in field order).
     Compatibility rule: within a schema version the fields of a kind never
     change; a new field means a new schema version, decoders accept a closed
-    set of versions, and fields are never removed or re-purposed.
+    set of versions, and fields are never removed or re-purposed. The one
+    exception is ``OPTIONAL``: a field listed there (with its default) is
+    left out of the encoding, and out of the signed bytes, while it holds
+    that default, so a message that does not use it encodes, and is signed,
+    exactly as before the field existed; a decoder of that version that
+    predates the field refuses only the messages that do use it.
     """
 
     __slots__ = ()
     KIND: ClassVar[str] = ""
     RULES: ClassVar[Mapping[str, Rule]] = {}
+    OPTIONAL: ClassVar[Mapping[str, Any]] = {}
 
     def __post_init__(self) -> None:
         names = [f.name for f in fields(self)]  # type: ignore[arg-type]
@@ -196,13 +202,17 @@ class Message:
     def _validate(self) -> None:
         """Cross-field checks; override in subclasses."""
 
+    def _present(self, name: str) -> bool:
+        """False for an optional field at its default (it is not encoded)."""
+        return name not in self.OPTIONAL or getattr(self, name) != self.OPTIONAL[name]
+
     def body(self) -> dict[str, Any]:
-        """Return the body map in declared field order."""
-        return {name: getattr(self, name) for name in self.RULES}
+        """Return the body map in declared field order (optional fields at default left out)."""
+        return {name: getattr(self, name) for name in self.RULES if self._present(name)}
 
     def _signature_view(self, kind: str) -> bytes:
-        """Domain-separated canonical bytes of every field but ``signature``."""
-        body = {k: getattr(self, k) for k in self.RULES if k != "signature"}
+        """Domain-separated canonical bytes of every encoded field but ``signature``."""
+        body = {k: getattr(self, k) for k in self.RULES if k != "signature" and self._present(k)}
         return f"edgefl/v1/{kind}\x00".encode() + encode(kind, body)
 
     def to_bytes(self) -> bytes:
@@ -314,7 +324,7 @@ def decode_any(payload: bytes, *, max_size: int | None = None) -> Message:
     if _depth(body) > MAX_DEPTH:
         raise DecodeError("message nested too deeply", reason="structure")
     cls = _REGISTRY[kind]
-    if list(body) != list(cls.RULES):
+    if list(body) != [k for k in cls.RULES if k in body or k not in cls.OPTIONAL]:
         missing = [k for k in cls.RULES if k not in body]
         extra = [k for k in body if k not in cls.RULES]
         raise DecodeError(

@@ -39,6 +39,7 @@ from edge_sdk.protocol._codec import (
     register,
 )
 from edge_sdk.protocol.limits import (
+    MAX_ANNOUNCEMENT_BYTES,
     MAX_CHUNK_DATA_BYTES,
     MAX_CIPHERTEXT_BYTES,
     MAX_CONTRIBUTOR_BYTES,
@@ -46,6 +47,7 @@ from edge_sdk.protocol.limits import (
     MAX_SHARE_BYTES,
     MAX_WEIGHT_BYTES,
 )
+from edge_sdk.protocol.topics import MAX_SHARDS
 
 __all__ = [
     "DIGEST_LEN",
@@ -62,6 +64,8 @@ __all__ = [
     "KeyholderResult",
     "Receipt",
     "RoundAnnouncement",
+    "PartialSum",
+    "ShardControl",
     "WitnessGap",
     "decode_message",
     "digest",
@@ -110,6 +114,11 @@ class RoundAnnouncement(Message):
         packing_digest: its digest; devices check both agree.
         privacy: the noise spec's encoding (``edge_sdk.privacy``), msgpack.
         train: local training settings as (key, scalar) pairs.
+        shards: how many aggregator workers take this round's updates (1: a
+            single aggregator, topic ``updates/{device}``; more: a device
+            publishes on ``updates/{shard}/{device}``, its shard given by
+            :func:`~edge_sdk.protocol.shard_of`). Optional: left out of the
+            encoding and the signed bytes when 1.
         signature: the aggregator's Ed25519 signature over
             :meth:`signed_bytes` (empty when the federation does not sign).
     """
@@ -130,8 +139,10 @@ class RoundAnnouncement(Message):
         "packing_digest": _DIGEST,
         "privacy": _OPAQUE,
         "train": PairsRule(),
+        "shards": IntRule(1, MAX_SHARDS),
         "signature": _OPT_SIG,
     }
+    OPTIONAL: ClassVar[dict[str, Any]] = {"shards": 1}
 
     federation: str
     round_id: int
@@ -147,6 +158,7 @@ class RoundAnnouncement(Message):
     packing_digest: bytes
     privacy: bytes = b""
     train: tuple[tuple[str, Any], ...] = ()
+    shards: int = 1
     signature: bytes = b""
 
     def signed_bytes(self) -> bytes:
@@ -541,18 +553,23 @@ class KeyholderRequest(Message):
         Raises:
             DecodeError: a proof is malformed.
         """
-        out: list[ContributorProof] = []
-        blob, pos = self.contributors, 0
-        while pos < len(blob):
-            if pos + 4 > len(blob):
-                raise DecodeError("truncated contributor list", reason="malformed")
-            size = int.from_bytes(blob[pos : pos + 4], "big")
-            pos += 4
-            if size > 4096 or pos + size > len(blob):
-                raise DecodeError("bad contributor proof length", reason="malformed")
-            out.append(ContributorProof.from_bytes(blob[pos : pos + size]))
-            pos += size
-        return tuple(out)
+        return _unpack_proofs(self.contributors)
+
+
+def _unpack_proofs(blob: bytes) -> tuple[ContributorProof, ...]:
+    """Decode length-prefixed contributor proofs (:meth:`KeyholderRequest.pack_proofs`)."""
+    out: list[ContributorProof] = []
+    pos = 0
+    while pos < len(blob):
+        if pos + 4 > len(blob):
+            raise DecodeError("truncated contributor list", reason="malformed")
+        size = int.from_bytes(blob[pos : pos + 4], "big")
+        pos += 4
+        if size > 4096 or pos + size > len(blob):
+            raise DecodeError("bad contributor proof length", reason="malformed")
+        out.append(ContributorProof.from_bytes(blob[pos : pos + size]))
+        pos += size
+    return tuple(out)
 
 
 KEYHOLDER_STATUSES = frozenset({"ok", "refused"})
@@ -703,6 +720,124 @@ class WitnessGap(Message):
     def signed_bytes(self) -> bytes:
         """Bytes the member signs (everything but the signature)."""
         return self._signature_view("kh-gap-sig")
+
+
+@register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ShardControl(Message):
+    """The aggregator root tells its workers which round is open and when it is sealed.
+
+    Retained on ``aggregator/control``. A worker takes the round's updates
+    of its shard while ``sealed`` is false; once it sees ``sealed`` it takes
+    no more (they are late), makes its partial sum durable and reports it
+    whole. Signed with the aggregator's identity (the root and its workers
+    share it); a worker refuses an unsigned or forged one.
+
+    Attributes:
+        federation: federation name.
+        round_id: the round.
+        announcement: that round's signed RoundAnnouncement (its encoding).
+        sealed: collection of this round has ended.
+        finished: the root ran its configured rounds (no round follows).
+        issued_ms: when sent.
+        signature: the aggregator's Ed25519 signature over :meth:`signed_bytes`.
+    """
+
+    KIND: ClassVar[str] = "shard_control"
+    RULES: ClassVar[dict[str, Rule]] = {
+        "federation": _FED,
+        "round_id": _ROUND,
+        "announcement": BytesRule(1, MAX_ANNOUNCEMENT_BYTES),
+        "sealed": IntRule(0, 1),
+        "finished": IntRule(0, 1),
+        "issued_ms": _TIME,
+        "signature": _OPT_SIG,
+    }
+
+    federation: str
+    round_id: int
+    announcement: bytes
+    sealed: int
+    finished: int = 0
+    issued_ms: int
+    signature: bytes = b""
+
+    def signed_bytes(self) -> bytes:
+        """Bytes the root signs (everything but the signature)."""
+        return self._signature_view("shard-control-sig")
+
+
+@register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PartialSum(Message):
+    """One aggregator worker's part of a round: its shard's running encrypted sum.
+
+    Sent on ``aggregator/partial/{worker}`` (chunked when large). While the
+    round collects, a worker reports only ``count`` (``sealed`` 0, no sum):
+    the root closes on the fleet's total. Sealed, it reports its durable
+    sum and the proofs of every update in it; the root adds the sealed sums
+    of all ``shards`` workers into the one sum the committee decrypts.
+
+    Attributes:
+        federation: federation name.
+        round_id: the round.
+        worker_id: the worker's id.
+        shard: the shard it owns (``0 <= shard < shards``).
+        shards: how many shards the round has.
+        sealed: 1 for the final, durable partial sum of a sealed round.
+        count: updates in the partial sum.
+        encrypted_sum: the sum's CiphertextVector encoding (empty unless
+            sealed, or when ``count`` is 0).
+        contributors: the updates' ContributorProofs
+            (:meth:`KeyholderRequest.pack_proofs`; empty unless sealed).
+        issued_ms: when sent.
+        signature: the aggregator's Ed25519 signature over :meth:`signed_bytes`.
+    """
+
+    KIND: ClassVar[str] = "partial_sum"
+    RULES: ClassVar[dict[str, Rule]] = {
+        "federation": _FED,
+        "round_id": _ROUND,
+        "worker_id": _ID,
+        "shard": IntRule(0, MAX_SHARDS - 1),
+        "shards": IntRule(1, MAX_SHARDS),
+        "sealed": IntRule(0, 1),
+        "count": _COUNT,
+        "encrypted_sum": BytesRule(0, MAX_CIPHERTEXT_BYTES),
+        "contributors": BytesRule(0, MAX_CONTRIBUTOR_BYTES),
+        "issued_ms": _TIME,
+        "signature": _OPT_SIG,
+    }
+
+    federation: str
+    round_id: int
+    worker_id: str
+    shard: int
+    shards: int
+    sealed: int
+    count: int
+    encrypted_sum: bytes = b""
+    contributors: bytes = b""
+    issued_ms: int
+    signature: bytes = b""
+
+    def signed_bytes(self) -> bytes:
+        """Bytes the worker signs (everything but the signature)."""
+        return self._signature_view("partial-sum-sig")
+
+    def _validate(self) -> None:
+        if self.shard >= self.shards:
+            raise ValueError(f"partial.shard ({self.shard}) must be < shards ({self.shards})")
+        if self.sealed and self.count and not self.encrypted_sum:
+            raise ValueError("a sealed partial sum of updates must carry the sum")
+
+    def proofs(self) -> tuple[ContributorProof, ...]:
+        """Decode ``contributors``.
+
+        Raises:
+            DecodeError: a proof is malformed.
+        """
+        return _unpack_proofs(self.contributors)
 
 
 def decode_message(payload: bytes, *, max_size: int | None = None) -> Message:

@@ -5,6 +5,7 @@
 | ``round`` | aggregator -> devices | yes | RoundAnnouncement |
 | ``model/{i}`` | aggregator -> devices | yes | Chunk i of the GlobalModel |
 | ``updates/{device}`` | device -> aggregator | no | Chunks of an EncryptedUpdate |
+| ``updates/{shard}/{device}`` | device -> worker | no | the same, in a round of ``shards`` > 1 |
 | ``ack/{device}`` | aggregator -> device | no | Receipt |
 | ``status/{device}`` | device -> aggregator | yes | DeviceStatus (last will: offline) |
 | ``keyholder/request`` | aggregator -> key holder | no | KeyholderRequest (chunked if large) |
@@ -12,15 +13,35 @@
 | ``keyholder/commit/{holder}`` | committee member -> members | no | KeyholderCommit |
 | ``keyholder/gap/{holder}`` | committee member -> aggregator | no | WitnessGap |
 | ``keyholder/relay/{holder}`` | aggregator -> that member | no | Chunks of EncryptedUpdates |
+| ``aggregator/control`` | aggregator root -> workers | yes | ShardControl |
+| ``aggregator/partial/{worker}`` | aggregator worker -> root | no | PartialSum (chunked) |
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from edge_sdk.ids import ID_PATTERN
 
-__all__ = ["PREFIX", "ParsedTopic", "Topics", "parse_topic"]
+__all__ = ["MAX_SHARDS", "PREFIX", "ParsedTopic", "Topics", "parse_topic", "shard_of"]
+
+#: Most aggregator workers (shards) a round can be split over.
+MAX_SHARDS = 256
+
+
+def shard_of(device_id: str, shards: int) -> int:
+    """The shard (aggregator worker) that takes ``device_id``'s updates, of ``shards``.
+
+    A fixed function of the device id, the same for the device, every worker
+    and the root: SHA-256 of ``"edgefl-shard" NUL device_id``, its first 8
+    bytes big-endian, modulo ``shards``.
+    """
+    if not 1 <= shards <= MAX_SHARDS:
+        raise ValueError(f"shards must be in 1..{MAX_SHARDS}, got {shards}")
+    h = hashlib.sha256(b"edgefl-shard\x00" + device_id.encode()).digest()
+    return int.from_bytes(h[:8], "big") % shards
+
 
 PREFIX = "edgefl/v1"
 _NAME = ID_PATTERN
@@ -68,8 +89,40 @@ class Topics:
 
     @property
     def updates_filter(self) -> str:
-        """Subscription filter for every device's updates."""
+        """Subscription filter for every device's updates (unsharded rounds)."""
         return f"{self.base}/updates/+"
+
+    def round_updates(self, device_id: str, shards: int) -> str:
+        """Where a device publishes its update for a round announcing ``shards``."""
+        if shards <= 1:
+            return self.updates(device_id)
+        shard = shard_of(_check_name("device_id", device_id), shards)
+        return f"{self.base}/updates/{shard}/{device_id}"
+
+    def shard_updates_filter(self, shard: int) -> str:
+        """Subscription filter for the updates of one shard (one aggregator worker)."""
+        if not 0 <= shard < MAX_SHARDS:
+            raise ValueError(f"shard must be in 0..{MAX_SHARDS - 1}, got {shard}")
+        return f"{self.base}/updates/{shard}/+"
+
+    @property
+    def sharded_updates_filter(self) -> str:
+        """Subscription filter for every shard's updates (committee members)."""
+        return f"{self.base}/updates/+/+"
+
+    @property
+    def shard_control(self) -> str:
+        """Retained: the round the root has open and whether it is sealed."""
+        return f"{self.base}/aggregator/control"
+
+    def partial(self, worker_id: str) -> str:
+        """One aggregator worker's partial sums to the root."""
+        return f"{self.base}/aggregator/partial/{_check_name('worker_id', worker_id)}"
+
+    @property
+    def partial_filter(self) -> str:
+        """Subscription filter for every worker's partial sums."""
+        return f"{self.base}/aggregator/partial/+"
 
     def ack(self, device_id: str) -> str:
         """A device's receipt topic."""
@@ -128,7 +181,7 @@ class ParsedTopic:
     federation: str
     kind: str
     device_id: str | None = None
-    index: int | None = None
+    index: int | None = None  # a model chunk's index, or the shard of a sharded update
 
 
 def parse_topic(topic: str) -> ParsedTopic | None:
@@ -143,6 +196,20 @@ def parse_topic(topic: str) -> ParsedTopic | None:
         return ParsedTopic(federation, "model", index=int(rest[1]))
     if len(rest) == 2 and rest[0] in ("updates", "ack", "status") and _NAME.fullmatch(rest[1]):
         return ParsedTopic(federation, rest[0], device_id=rest[1])
+    if (
+        len(rest) == 3
+        and rest[0] == "updates"
+        and rest[1].isascii()
+        and rest[1].isdigit()
+        and rest[1] == str(int(rest[1]))
+        and int(rest[1]) < MAX_SHARDS
+        and _NAME.fullmatch(rest[2])
+    ):
+        return ParsedTopic(federation, "updates", device_id=rest[2], index=int(rest[1]))
+    if rest == ["aggregator", "control"]:
+        return ParsedTopic(federation, "aggregator/control")
+    if len(rest) == 3 and rest[:2] == ["aggregator", "partial"] and _NAME.fullmatch(rest[2]):
+        return ParsedTopic(federation, "aggregator/partial", device_id=rest[2])
     if rest == ["keyholder", "request"]:
         return ParsedTopic(federation, "keyholder/request")
     if len(rest) == 3 and rest[:2] == ["keyholder", "result"] and _NAME.fullmatch(rest[2]):
