@@ -464,8 +464,12 @@ def build_aggregator(
     dimension = agg.dimension
     min_clients = agg.min_clients
     target = agg.target_clients if agg.target_clients is not None else min_clients
+    # Sharded, each worker holds at most max_contributors // workers updates
+    # (the packing headroom is shared): the default leaves room for shards of
+    # unequal size (device ids hash to shards; about sqrt(n / workers) apart).
+    slack = 0 if agg.workers <= 1 else target // 4 + 64 * agg.workers
     max_contributors = (
-        agg.max_contributors if agg.max_contributors is not None else max(1000, target)
+        agg.max_contributors if agg.max_contributors is not None else max(1000, target + slack)
     )
     public_key = load_public_key(cfg.path(agg.public_key))
     registry = DeviceRegistry.load(cfg.path(agg.registry))

@@ -349,6 +349,9 @@ class Commit:
     records: tuple[RoundRecord, ...]
     model: GlobalModel | None = None
     optimizer_state: bytes | None = None
+    #: accepted rows written in the same transaction, the last one's sum kept
+    #: (a sharded root's combined sum, made durable with its close)
+    accepted: tuple[PersistAccepted, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -60,12 +60,12 @@ from aggregator.rounds import (
     KeyholderAnswered,
     MessageReceived,
     PartialReceived,
+    PersistAccepted,
     Publish,
     Rejected,
     RoundConfig,
     RoundMachine,
     RoundRecord,
-    Snapshot,
     Start,
     Tick,
     WitnessGapReported,
@@ -392,17 +392,6 @@ class RootMachine(RoundMachine):
             return sum(self._progress.values())
         return self._acc.count
 
-    def restore(self, snapshot: Snapshot) -> None:
-        """Load durable state; a round being decrypted gets its sum back from its request."""
-        super().restore(snapshot)
-        if self._request is not None and self.phase == "decrypting":
-            proofs = self._request.proofs()
-            vector = CiphertextVector.from_bytes(
-                self._request.encrypted_sum, self.public_key, self._num_ct
-            )
-            self._acc = CiphertextAccumulator.from_vector(vector, len(proofs))
-            self._accepted = {p.device_id: p for p in proofs}
-
     def handle(self, event: Event) -> list[Action]:
         """Feed one event; return the actions to execute, in order."""
         if isinstance(event, PartialReceived):
@@ -565,6 +554,24 @@ class RootMachine(RoundMachine):
         self._history.setdefault(self.round_id, {}).update(
             {d: p.update_digest for d, p in accepted.items()}
         )
-        if acc.count >= self.config.min_clients:
-            return self._close(now)
-        return self._fail("quorum", now)
+        if acc.count < self.config.min_clients:
+            return self._fail("quorum", now)
+        actions = self._close(now)
+        close = actions[0]
+        assert isinstance(close, Commit)
+        # The combined rows and sum are made durable with the close, in its
+        # one transaction: a restarted root resumes decrypting exactly this sum.
+        rows = [
+            PersistAccepted(
+                round_id=self.round_id,
+                device_id=device,
+                update_digest=proof.update_digest,
+                proof=proof.to_bytes(),
+                sum_blob=b"",
+                count=i + 1,
+                at_ms=now,
+            )
+            for i, (device, proof) in enumerate(sorted(accepted.items()))
+        ]
+        rows[-1] = dataclasses.replace(rows[-1], sum_blob=acc.value.to_bytes())
+        return [dataclasses.replace(close, accepted=tuple(rows)), *actions[1:]]

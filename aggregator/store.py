@@ -209,7 +209,7 @@ class AggregatorStore:
         """
         if not actions:
             return
-        first, last = actions[0], actions[-1]
+        first = actions[0]
         with self._tx():
             row = self._db.execute(
                 "SELECT phase, count FROM rounds WHERE round_id = ?", (first.round_id,)
@@ -219,32 +219,37 @@ class AggregatorStore:
                     f"cannot accept into round {first.round_id}: stored {row!r}, "
                     f"new count {first.count}"
                 )
-            for i, action in enumerate(actions):
-                if action.round_id != first.round_id or action.count != first.count + i:
-                    raise StoreError(
-                        f"batch is not consecutive: round {action.round_id} count "
-                        f"{action.count} after round {first.round_id} count {first.count + i - 1}"
-                    )
-                try:
-                    self._db.execute(
-                        "INSERT INTO accepted VALUES (?, ?, ?, ?, ?, ?)",
-                        (
-                            action.round_id,
-                            action.device_id,
-                            action.update_digest,
-                            action.proof,
-                            action.at_ms,
-                            action.count,
-                        ),
-                    )
-                except sqlite3.IntegrityError:
-                    raise StoreError(
-                        f"device {action.device_id} already accepted in round {action.round_id}"
-                    ) from None
-            self._db.execute(
-                "UPDATE rounds SET sum_blob = ?, count = ? WHERE round_id = ?",
-                (last.sum_blob, last.count, last.round_id),
-            )
+            self._insert_accepted(actions)
+
+    def _insert_accepted(self, actions: Sequence[PersistAccepted]) -> None:
+        """Inside a transaction: the rows, then the last action's sum and count."""
+        first, last = actions[0], actions[-1]
+        for i, action in enumerate(actions):
+            if action.round_id != first.round_id or action.count != first.count + i:
+                raise StoreError(
+                    f"batch is not consecutive: round {action.round_id} count "
+                    f"{action.count} after round {first.round_id} count {first.count + i - 1}"
+                )
+            try:
+                self._db.execute(
+                    "INSERT INTO accepted VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        action.round_id,
+                        action.device_id,
+                        action.update_digest,
+                        action.proof,
+                        action.at_ms,
+                        action.count,
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                raise StoreError(
+                    f"device {action.device_id} already accepted in round {action.round_id}"
+                ) from None
+        self._db.execute(
+            "UPDATE rounds SET sum_blob = ?, count = ? WHERE round_id = ?",
+            (last.sum_blob, last.count, last.round_id),
+        )
 
     def commit(self, action: Commit) -> None:
         """Apply a round transition (and a new model) atomically."""
@@ -270,6 +275,8 @@ class AggregatorStore:
                         rec.outcome,
                     ),
                 )
+            if action.accepted:
+                self._insert_accepted(action.accepted)
             if action.model is not None:
                 m = action.model
                 self._db.execute(

@@ -102,7 +102,7 @@ class _ReusedObfuscators:
 
 
 def _write_federation(
-    folder: Path, url: str, devices: int, commit_batch: int
+    folder: Path, url: str, devices: int, commit_batch: int, workers: int = 1
 ) -> tuple[Path, list[DeviceIdentity], DeviceIdentity, Path]:
     keys = folder / "keys"
     min_clients = max(2, devices // 2)
@@ -140,13 +140,14 @@ identity = "aggregator.key"
 dimension = {DIM}
 min_clients = {min_clients}
 target_clients = {devices}
-max_contributors = {devices}
+max_contributors = {devices if workers <= 1 else devices + devices // 4 + 64 * workers}
 round_duration_s = 3600
 rounds = 1
 clip = 1.0
 tick_s = 0.05
 keyholder_retry_s = 2
 commit_batch = {commit_batch}
+workers = {workers}
 
 [committee]
 manifest = "keys/committee.json"
@@ -250,6 +251,78 @@ def _build_updates(
     return updates, values
 
 
+class _Aggregator:
+    """The aggregator's processes: one, or a root and its workers; SIGKILLed ones restarted.
+
+    ``crash`` maps a process name (``aggregator``, ``root``, ``worker-K``) to
+    an ``EDGEFL_CRASH_AT`` spec for its first run; a process killed by it is
+    started again (as a supervisor would), without the spec.
+    """
+
+    def __init__(self, folder: Path, cfg: Path, workers: int, crash: dict[str, str]) -> None:
+        self.folder, self.cfg, self.crash = folder, cfg, dict(crash)
+        names = (
+            ["aggregator"] if workers <= 1 else ["root"] + [f"worker-{k}" for k in range(workers)]
+        )
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.restarts: dict[str, int] = dict.fromkeys(names, 0)
+        self._logs: list[Any] = []
+        for name in names:
+            self._spawn(name)
+
+    def log(self, name: str) -> Path:
+        return self.folder / f"{name}.log"
+
+    def _spawn(self, name: str) -> None:
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        env.pop("EDGEFL_CRASH_AT", None)
+        spec = self.crash.pop(name, None)
+        if spec:
+            env["EDGEFL_CRASH_AT"] = spec
+        argv = [
+            *(sys.executable, "-m", "aggregator", "aggregator", "serve"),
+            *("--config", str(self.cfg), "--exit-when-done"),
+        ]
+        if name.startswith("worker-"):
+            argv += ["--worker", name.split("-")[1]]
+        log = open(self.log(name), "ab")  # noqa: SIM115 - closed in close()
+        self._logs.append(log)
+        self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def supervise(self) -> None:
+        """Restart what a crash hook killed (SIGKILL); a failure of another kind is raised."""
+        for name, proc in list(self.procs.items()):
+            code = proc.poll()
+            if code is None or code == 0:
+                continue
+            if code == -9:
+                self.restarts[name] += 1
+                self._spawn(name)
+                continue
+            raise RuntimeError(f"{name} exited with {code}: {self.tail(name)}")
+
+    def tail(self, name: str, n: int = 3000) -> str:
+        return self.log(name).read_text(errors="replace")[-n:]
+
+    def wait(self, timeout: float) -> bool:
+        """Until every process exited cleanly (restarting killed ones); False on timeout."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            self.supervise()
+            if all(p.poll() == 0 for p in self.procs.values()):
+                return True
+            time.sleep(0.1)
+        return False
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for log in self._logs:
+            log.close()
+
+
 def _scenario(
     folder: Path,
     *,
@@ -258,6 +331,9 @@ def _scenario(
     seed: int,
     timeout_s: float,
     inflight: int = INFLIGHT,
+    workers: int = 1,
+    crash: dict[str, str] | None = None,
+    resend_s: float = 15.0,
 ) -> dict[str, Any]:
     folder.mkdir(parents=True)
     # Mosquitto drops QoS 1 messages beyond a client's queue (default 1000):
@@ -271,9 +347,11 @@ def _scenario(
     broker.start()
     load: _Load | None = None
     committee: CommitteeProcesses | None = None
-    agg: subprocess.Popen[bytes] | None = None
+    agg: _Aggregator | None = None
     try:
-        cfg, idents, agg_ident, keys = _write_federation(folder, broker.url, devices, commit_batch)
+        cfg, idents, agg_ident, keys = _write_federation(
+            folder, broker.url, devices, commit_batch, workers
+        )
         pk = load_public_key(keys / "paillier_public.json")
         policy = FederationPolicy.load(keys / "policy.json")
         # The members subscribe once (durable sessions), then stop: the broker
@@ -281,22 +359,11 @@ def _scenario(
         committee = CommitteeProcesses.from_ceremony(keys)
         committee.start()
         committee.stop()
-        log = open(folder / "aggregator.log", "wb")  # noqa: SIM115 - closed with the process
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        env.pop("EDGEFL_CRASH_AT", None)
-        agg = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "aggregator", "aggregator", "serve"),
-                *("--config", str(cfg), "--exit-when-done"),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+        agg = _Aggregator(folder, cfg, workers, crash or {})
         load = _Load(broker.url, agg_ident.public_key_bytes)
         load.start()
         if not load.got_round.wait(60):
-            raise RuntimeError(f"no round announcement; see {folder / 'aggregator.log'}")
+            raise RuntimeError(f"no round announcement; see {folder}")
         ann = load.announcement
         assert ann is not None
         t_build = time.perf_counter()
@@ -304,7 +371,7 @@ def _scenario(
         build_s = time.perf_counter() - t_build
         messages = {
             d: [
-                (load.topics.updates(d), c.to_bytes())
+                (load.topics.round_updates(d, ann.shards), c.to_bytes())
                 for c in split_payload(
                     u.to_bytes(), federation=FED, stream="update", sender=d, round_id=1
                 )
@@ -320,7 +387,8 @@ def _scenario(
         deadline = t0 + timeout_s
         seen = 0
         stalled_since = time.perf_counter()
-        while not load.all_in.wait(1.0):
+        while not load.all_in.wait(0.5):
+            agg.supervise()
             now = time.perf_counter()
             if now > deadline:
                 break
@@ -328,7 +396,7 @@ def _scenario(
                 got = len(load.receipts)
             if got != seen:
                 seen, stalled_since = got, now
-            elif now - stalled_since > 15:  # devices resend until they hold a receipt
+            elif now - stalled_since > resend_s:  # devices resend until they hold a receipt
                 with load.lock:
                     missing = set(load.digests) - set(load.receipts)
                 load.publish(messages, missing)
@@ -337,29 +405,27 @@ def _scenario(
         round_s = load.last_receipt - t0
         committee.start()
         t_c = time.perf_counter()
-        try:
-            # The members witness (and durably store) every update first.
-            agg.wait(timeout=max(300.0, devices * 0.06))
-        except subprocess.TimeoutExpired:
-            agg.kill()
-            agg.wait()
-            log.close()
-            tail = (folder / "aggregator.log").read_text(errors="replace")[-3000:]
+        # The members witness (and durably store) every update first.
+        if not agg.wait(max(300.0, devices * 0.06)):
+            tails = "\n".join(f"{n}:\n{agg.tail(n, 1500)}" for n in agg.procs)
             members = "\n".join(line for m in committee.members for line in m.lines[-20:])
-            raise RuntimeError(
-                f"the round did not complete; aggregator log:\n{tail}\nmembers:\n{members}"
-            ) from None
+            raise RuntimeError(f"the round did not complete:\n{tails}\nmembers:\n{members}")
         committee_s = time.perf_counter() - t_c
-        log.close()
         with load.lock:
             receipted = set(load.receipts)
             bad = load.bad_receipts
         store = AggregatorStore(folder / "agg.db", readonly=True)
         try:
             rec = store.round_record(1)
-            rows = store.accepted(1)
+            rows = store.accepted(1) if workers <= 1 else []
         finally:
             store.close()
+        for k in range(workers if workers > 1 else 0):
+            wstore = AggregatorStore(folder / f"agg.worker-{k}.db", readonly=True)
+            try:
+                rows += wstore.accepted(1)
+            finally:
+                wstore.close()
         stored = [d for d, _, _ in rows]
         done = rec is not None and rec.phase == "done"
         released = round_outcome(rec.result)[1] if done and rec is not None else None
@@ -371,8 +437,10 @@ def _scenario(
             double += abs(rec.count - len(set(stored)))
         if released is not None and not exact:
             double = max(double, 1)  # a sum off the exact one: counted wrongly somewhere
+        commits = [_commits_logged(agg.log(n)) for n in agg.procs if n != "root"]
         return {
             "devices": devices,
+            "workers": workers,
             "commit_batch": commit_batch,
             "updates_per_s": round(len(receipted) / round_s, 1) if round_s > 0 else None,
             "round_s": round(round_s, 2),
@@ -387,14 +455,14 @@ def _scenario(
             "lost": lost,
             "double_counted": double,
             "accepted_rows": len(stored),
-            "accept_transactions": _commits_logged(folder / "aggregator.log"),
+            "accept_transactions": None if None in commits else sum(c or 0 for c in commits),
+            "restarts": {n: r for n, r in agg.restarts.items() if r},
         }
     finally:
         if load is not None:
             load.close()
-        if agg is not None and agg.poll() is None:
-            agg.kill()
-            agg.wait()
+        if agg is not None:
+            agg.close()
         if committee is not None:
             committee.stop()
         broker.stop()
