@@ -69,7 +69,8 @@ commit_max_ms = 5                    # ...and most ms an accepted update waits f
                                      # receipts are sent only once their batch is on disk
 workers = 1                          # > 1: a root (`edgefl aggregator serve`) and this many
                                      # workers (`... serve --worker K`, K = 0..workers-1), each
-                                     # taking one shard of the devices (docs/scale.md)
+                                     # taking one shard of the devices (docs/scale.md); a
+                                     # worker may get its own broker user in [worker_broker.K]
 
 [aggregator.optimizer]
 name = "fedavg"                      # fedavg | fedavgm | fedadam | fedyogi | fedadagrad
@@ -195,12 +196,30 @@ class ServiceConfig:
 
     ``broker`` is the MQTT client table (the same keys as a device's
     ``[broker]``, checked by :class:`edge_sdk.transport.TransportConfig`).
+    ``worker_broker`` holds, per worker index, the keys of ``[worker_broker.K]``
+    that worker K uses instead of ``[broker]``'s (its own broker user,
+    password or certificate where the broker ties client ids to users).
     """
 
     base: Path
     aggregator: AggregatorTable
     committee: CommitteeTable
     broker: dict[str, Any]
+    worker_broker: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    def broker_for(self, worker: int | None) -> dict[str, Any]:
+        """The MQTT settings of the root (``None``) or of worker ``worker``.
+
+        A worker's client id defaults to ``{client_id}-worker-{K}`` (its own
+        durable session); ``[worker_broker.K]`` overrides any key.
+        """
+        if worker is None:
+            return dict(self.broker)
+        own = self.worker_broker.get(worker, {})
+        values = {**self.broker, **own}
+        if "client_id" not in own:
+            values["client_id"] = f"{self.broker.get('client_id', 'aggregator')}-worker-{worker}"
+        return broker_settings(values, default_client_id=values["client_id"])
 
     def path(self, value: str) -> Path:
         """Resolve a path relative to the config file."""
@@ -282,7 +301,7 @@ def load_config(path: str | Path) -> ServiceConfig:
             "single key holder; see `edgefl keys ceremony --help` and the [committee] table "
             "of `edgefl aggregator init`"
         )
-    check_tables(doc, p, {"aggregator", "committee", "broker"})
+    check_tables(doc, p, {"aggregator", "committee", "broker", "worker_broker"})
     try:
         agg = parse_table(AggregatorTable, doc.get("aggregator", {}), "aggregator")
         com = parse_table(CommitteeTable, doc.get("committee", {}), "committee")
@@ -293,7 +312,18 @@ def load_config(path: str | Path) -> ServiceConfig:
     except ConfigError as exc:
         raise ConfigError(f"{p}: {exc}") from None
     broker = broker_settings(doc.get("broker", {}), default_client_id="aggregator")
-    return ServiceConfig(p.resolve().parent, agg, com, broker)
+    workers: dict[int, dict[str, Any]] = {}
+    table = doc.get("worker_broker", {})
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{p}: [worker_broker] must hold tables [worker_broker.K]")
+    for key, value in table.items():
+        if not key.isdigit() or not 0 <= int(key) < agg.workers or not isinstance(value, Mapping):
+            raise ConfigError(
+                f"{p}: [worker_broker.{key}]: K must be a worker index 0..{agg.workers - 1}"
+            )
+        workers[int(key)] = dict(value)
+        broker_settings({**broker, **value}, default_client_id="aggregator")  # checked now
+    return ServiceConfig(p.resolve().parent, agg, com, broker, workers)
 
 
 def _load_or_create(path: Path, name: str) -> Any:
@@ -572,7 +602,7 @@ def build_aggregator(
     }
     optimizer = make_optimizer(agg.optimizer)
     store_path = cfg.path(agg.store)
-    broker = dict(cfg.broker)
+    broker = cfg.broker_for(worker)
     if worker is not None and agg.workers < 2:
         raise ConfigError("--worker needs [aggregator] workers >= 2")
     if worker is not None and not 0 <= worker < agg.workers:
@@ -585,13 +615,12 @@ def build_aggregator(
     machine: RoundMachine
     try:
         if worker is not None:
-            from aggregator.shards import WorkerMachine, worker_id
+            from aggregator.shards import WorkerMachine
 
             machine = WorkerMachine(
                 round_config, plan, registry, optimizer, shard=worker, shards=agg.workers, **common
             )
             store_path = worker_store(store_path, worker)
-            broker["client_id"] = f"{broker.get('client_id', 'aggregator')}-{worker_id(worker)}"
         elif agg.workers > 1:
             from aggregator.shards import RootMachine
 

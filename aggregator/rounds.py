@@ -798,7 +798,7 @@ class RoundMachine:
         digest = update.update_digest
         current = self.round_id
         if r > current:
-            return self._reject(device, r, "wrong_round", f"current {current}", update, now)
+            return self._ahead(device, update, now)
         seen = self._history.get(r, {}).get(device)
         if seen is not None:
             if seen == digest:
@@ -862,6 +862,11 @@ class RoundMachine:
             self._receipt(device, update, "accepted", now),
         ]
         return actions + self._after_accept(now)
+
+    def _ahead(self, device: str, update: EncryptedUpdate, now: int) -> list[Action]:
+        """An update for a round after the current one: refused (no such round yet)."""
+        detail = f"current {self.round_id}"
+        return self._reject(device, update.round_id, "wrong_round", detail, update, now)
 
     def _capacity(self) -> int:
         """Most updates this machine's sum may hold (the packing's headroom)."""

@@ -82,6 +82,7 @@ from edge_sdk.identity import DeviceIdentity, DeviceRegistry, verify_message
 from edge_sdk.pipeline import noise_digest
 from edge_sdk.protocol import (
     ContributorProof,
+    EncryptedUpdate,
     KeyholderRequest,
     PartialSum,
     RoundAnnouncement,
@@ -180,6 +181,13 @@ class WorkerMachine(RoundMachine):
 
     def _after_accept(self, now: int) -> list[Action]:
         return []  # the root decides when the round closes
+
+    def _ahead(self, device: str, update: EncryptedUpdate, now: int) -> list[Action]:
+        # The root's announcement can reach a device before its control message
+        # reaches this worker: no receipt (a rejection would end the device's
+        # try); it resends, and by then this worker has the round.
+        detail = f"worker on round {self.round_id}"
+        return [Rejected(device_id=device, round_id=update.round_id, reason="ahead", detail=detail)]
 
     def handle(self, event: Event) -> list[Action]:
         """Feed one event; return the actions to execute, in order."""

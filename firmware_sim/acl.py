@@ -139,6 +139,7 @@ def acl_grants(
     aggregator_user: str = DEFAULT_AGGREGATOR_USER,
     keyholder_user: str = DEFAULT_KEYHOLDER_USER,
     keyholders: Iterable[str] | None = None,
+    aggregator_workers: int = 0,
 ) -> dict[str, tuple[TopicGrant, ...]]:
     """Return each broker user's topic grants (pure; see the module docstring).
 
@@ -149,6 +150,10 @@ def acl_grants(
         keyholder_user: the key holder's broker user when ``keyholders`` is None.
         keyholders: the ids of a committee of key holders (``keyholder-1``...),
             each with its own grants; overrides ``keyholder_user``.
+        aggregator_workers: a sharded aggregator's workers: users
+            ``{aggregator_user}-worker-{K}`` (:func:`worker_users`) with the
+            aggregator's grants (a broker that ties client ids to users needs
+            one user per worker session).
 
     Raises:
         ConfigError: an invalid or duplicate name, or a device id equal to a
@@ -156,7 +161,8 @@ def acl_grants(
     """
     prefix = topic_prefix(federation)
     holders = _check_holders(keyholders, keyholder_user)
-    devices = _check_users(device_ids, aggregator_user, holders)
+    workers = worker_users(aggregator_user, aggregator_workers)
+    devices = _check_users(device_ids, aggregator_user, [*holders, *workers])
     grants: dict[str, tuple[TopicGrant, ...]] = {
         aggregator_user: (
             TopicGrant(access="write", topic=prefix + "model/+"),
@@ -175,6 +181,8 @@ def acl_grants(
             TopicGrant(access="readwrite", topic=prefix + "aggregator/partial/+"),
         ),
     }
+    for worker in workers:
+        grants[worker] = grants[aggregator_user]
     for holder in holders:
         grants[holder] = (
             # read-only witness of the ciphertexts: a key holder decrypts a
@@ -221,6 +229,13 @@ def _check_holders(keyholders: Iterable[str] | None, keyholder_user: str) -> lis
     if not holders:
         raise ConfigError("at least one key holder is needed")
     return holders
+
+
+def worker_users(aggregator_user: str, workers: int) -> list[str]:
+    """The broker users of a sharded aggregator's workers: ``{aggregator_user}-worker-{K}``."""
+    if not 0 <= workers <= 256:
+        raise ConfigError(f"aggregator workers must be in 0..256, got {workers}")
+    return [_check_name(f"{aggregator_user}-worker-{k}", "worker user") for k in range(workers)]
 
 
 def _check_users(
@@ -396,6 +411,7 @@ def generate_broker_auth(
     aggregator_user: str = DEFAULT_AGGREGATOR_USER,
     keyholder_user: str = DEFAULT_KEYHOLDER_USER,
     keyholders: Iterable[str] | None = None,
+    aggregator_workers: int = 0,
     passwords: Mapping[str, str] | None = None,
     rng: RandomSource | None = None,
     iterations: int = DEFAULT_ITERATIONS,
@@ -408,6 +424,7 @@ def generate_broker_auth(
         aggregator_user: broker user of the aggregator.
         keyholder_user: broker user of the key holder (when ``keyholders`` is None).
         keyholders: ids of a committee of key holders, each its own broker user.
+        aggregator_workers: users for a sharded aggregator's workers (:func:`acl_grants`).
         passwords: passwords to keep (e.g. from an earlier credentials file);
             users of this federation without one get a fresh random password;
             entries for users no longer present are ignored (that is how a
@@ -426,8 +443,11 @@ def generate_broker_auth(
         aggregator_user=aggregator_user,
         keyholder_user=keyholder_user,
         keyholders=holders,
+        aggregator_workers=aggregator_workers,
     )
     roles: dict[str, Role] = {aggregator_user: "aggregator"}
+    for worker in worker_users(aggregator_user, aggregator_workers):
+        roles[worker] = "aggregator"
     for holder in holders if holders is not None else [keyholder_user]:
         roles[holder] = "keyholder"
     for user in grants:

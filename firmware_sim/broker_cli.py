@@ -85,6 +85,7 @@ def _cmd_acl(args: argparse.Namespace) -> int:
         keyholders=[h.strip() for h in args.keyholders.split(",") if h.strip()]
         if args.keyholders
         else None,
+        aggregator_workers=args.workers,
         passwords=keep,
     )
     files = auth.write(args.out)
@@ -152,6 +153,14 @@ def register(parser: argparse.ArgumentParser) -> None:
     acl.add_argument("--devices-file", type=Path, help="file with one device id per line")
     acl.add_argument("--out", type=Path, required=True, help="output folder")
     acl.add_argument("--aggregator-user", default="aggregator", help="aggregator broker user")
+    acl.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also users {aggregator-user}-worker-0..N-1 with the aggregator's grants, for a "
+        "sharded aggregator ([aggregator] workers = N; give each its [worker_broker.K])",
+    )
     acl.add_argument(
         "--keyholders",
         default="keyholder-1,keyholder-2,keyholder-3",

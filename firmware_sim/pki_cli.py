@@ -9,6 +9,7 @@ open the session of, the party it names.
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import Any
 
@@ -179,12 +180,27 @@ def _cmd_mosquitto(args: argparse.Namespace) -> int:
     by_role: dict[str, list[str]] = {}
     for record in valid:
         by_role.setdefault(record.role, []).append(record.id)
-    aggregators = by_role.get("aggregator", [])
+    # a sharded aggregator's workers have their own aggregator certificates,
+    # {aggregator}-worker-0..N-1 (each its own session; the ACL grants them the same)
+    worker_re = re.compile(r"(.+)-worker-(\d+)")
+    every = by_role.get("aggregator", [])
+    aggregators = [a for a in every if not worker_re.fullmatch(a)]
     holders = by_role.get("keyholder", [])
     brokers = [r for r in valid if r.role == "broker"]
     if len(aggregators) != 1:
         raise ConfigError(
-            f"the CA needs exactly one valid aggregator certificate, has {len(aggregators)}"
+            f"the CA needs exactly one valid aggregator certificate (besides its workers' "
+            f"{{aggregator}}-worker-K), has {len(aggregators)}"
+        )
+    worker_ids = sorted(
+        int(m.group(2))
+        for a in every
+        if (m := worker_re.fullmatch(a)) is not None and m.group(1) == aggregators[0]
+    )
+    if worker_ids != list(range(len(worker_ids))):
+        raise ConfigError(
+            f"the aggregator's worker certificates must be {aggregators[0]}-worker-0..N-1, "
+            f"found workers {worker_ids}"
         )
     if not holders:
         raise ConfigError("the CA has no valid keyholder certificate (issue keyholder-1...)")
@@ -199,6 +215,7 @@ def _cmd_mosquitto(args: argparse.Namespace) -> int:
         by_role.get("device", []),
         aggregator_user=aggregators[0],
         keyholders=holders,
+        aggregator_workers=len(worker_ids),
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

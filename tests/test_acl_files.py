@@ -321,3 +321,23 @@ def test_grants_cover_every_topic_the_code_uses() -> None:
     for topic in (t.updates("dA"), t.keyholder_request):
         assert _allowed(kh, "read", topic), topic
     assert _allowed(kh, "write", t.keyholder_result("keyholder"))
+
+
+def test_sharded_topics_and_worker_users() -> None:
+    from edge_sdk.protocol import Topics
+
+    t = Topics("fed")
+    grants = acl_grants("fed", ["dA", "dB"], keyholders=["keyholder-1"], aggregator_workers=2)
+    assert grants["aggregator-worker-0"] == grants["aggregator-worker-1"] == grants["aggregator"]
+    agg, member, dev = grants["aggregator-worker-1"], grants["keyholder-1"], grants["dA"]
+    sharded = t.round_updates("dA", 4)
+    assert sharded.count("/") == t.updates("dA").count("/") + 1
+    assert _allowed(dev, "write", sharded) and not _allowed(dev, "write", t.round_updates("dB", 4))
+    assert _allowed(agg, "read", sharded) and _allowed(member, "read", sharded)
+    for topic in (t.shard_control, t.partial("worker-0")):
+        assert _allowed(agg, "write", topic) and _allowed(agg, "read", topic)
+        assert not _allowed(dev, "read", topic) and not _allowed(member, "write", topic)
+    auth = generate_broker_auth("fed", ["dA"], aggregator_workers=2)
+    assert auth.roles["aggregator-worker-1"] == "aggregator"
+    with pytest.raises(ConfigError, match="collides"):
+        acl_grants("fed", ["aggregator-worker-0"], aggregator_workers=1)

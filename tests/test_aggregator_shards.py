@@ -26,12 +26,14 @@ from aggregator.rounds import (
     PartialReceived,
     Publish,
     Rejected,
+    RelayUpdates,
     RequestDecryption,
     RoundConfig,
     RoundMachine,
     SendReceipt,
     Start,
     Tick,
+    WitnessGapReported,
     round_outcome,
 )
 from aggregator.shards import RootMachine, WorkerMachine
@@ -452,3 +454,53 @@ def test_a_single_aggregator_refuses_sharded_topics(keypair, fleet, tmp_path) ->
     topic = f"{TOPICS.base}/updates/{shard_of('dev00', 2)}/dev00"
     got = machine.handle(MessageReceived(topic=topic, payload=chunk[0].to_bytes(), now_ms=2_000))
     assert _reasons(got) == ["wrong_shard"]
+
+
+def test_an_update_ahead_of_the_worker_gets_no_receipt(keypair, fleet, ident, tmp_path) -> None:
+    """The root's announcement can reach a device before its control reaches a worker."""
+    pk, _ = keypair
+    bus = _bus(keypair, fleet, ident, tmp_path)
+    ahead = dataclasses.replace(_announcement(bus), round_id=2)
+    dev = fleet.ids()[0]
+    upd, _ = make_update(ahead, pk, fleet.identities[dev], deltas(1, DIM)[0])
+    got = bus.send(upd)
+    assert _reasons(got) == ["ahead"] and _statuses(got) == []  # the device resends later
+    # before any round at all, likewise
+    fresh = _worker(pk, fleet, ident, tmp_path / "fresh", 0, 6)
+    got = fresh.machine.handle(Start(now_ms=1))
+    topic = TOPICS.round_updates("dev00", SHARDS)
+    msg = MessageReceived(topic=topic, payload=b"x", now_ms=2)
+    assert _reasons(fresh.machine.handle(msg)) == ["no_round"]
+
+
+def test_a_sealed_worker_relays_its_own_shards_updates_to_a_member_that_missed_them(
+    keypair, fleet, ident, tmp_path
+) -> None:
+    pk, _ = keypair
+    bus = _bus(keypair, fleet, ident, tmp_path)
+    _seal_with_dropped_partials(bus, fleet, pk)
+    partials = [_sealed_partial(bus, k) for k in range(SHARDS)]
+    proofs = tuple(p for part in partials for p in part.proofs())
+    request = KeyholderRequest(
+        federation=FED,
+        round_id=1,
+        request_id="r1-n6",
+        packing=_announcement(bus).packing,
+        packing_digest=_announcement(bus).packing_digest,
+        privacy=_announcement(bus).privacy,
+        contributors=KeyholderRequest.pack_proofs(proofs),
+        encrypted_sum=partials[0].encrypted_sum,
+        issued_ms=bus.now,
+    )
+    late = make_keyholders(_support._default_committee(), fleet, min_clients=3)[2]
+    gap = late.gap_notice(request)  # it witnessed nothing
+    assert gap is not None and len(gap.devices) == 6
+    for k, w in enumerate(bus.workers):
+        got = w.machine.handle(WitnessGapReported(gap=gap, now_ms=bus.now))
+        relays = [a for a in got if isinstance(a, RelayUpdates)]
+        assert len(relays) == 1
+        assert set(relays[0].device_ids) == {p.device_id for p in partials[k].proofs()}
+    # an unsigned notice is refused
+    unsigned = dataclasses.replace(gap, signature=b"")
+    got = bus.workers[0].machine.handle(WitnessGapReported(gap=unsigned, now_ms=bus.now))
+    assert _reasons(got) == ["witness_gap_invalid_signature"]

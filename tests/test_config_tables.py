@@ -107,3 +107,25 @@ def test_the_table_defaults_are_the_services() -> None:
         DEFAULT_COMMIT_BATCH,
         DEFAULT_COMMIT_MAX_MS,
     )
+
+
+def test_workers_get_their_own_session_and_may_get_their_own_broker_user(tmp_path: Path) -> None:
+    path = tmp_path / "aggregator.toml"
+    text = EXAMPLE.replace("workers = 1 ", "workers = 2 ", 1)
+    path.write_text(text + '\n[worker_broker.1]\nusername = "aggregator-worker-1"\n')
+    cfg = load_config(path)
+    assert cfg.aggregator.workers == 2
+    assert cfg.broker_for(None)["client_id"] == "aggregator"
+    assert cfg.broker_for(0)["client_id"] == "aggregator-worker-0"
+    one = cfg.broker_for(1)
+    assert one["client_id"] == "aggregator-worker-1" and one["username"] == "aggregator-worker-1"
+    assert one["url"] == cfg.broker["url"]
+    path.write_text(text + '\n[worker_broker.2]\nusername = "x"\n')
+    with pytest.raises(ConfigError, match=r"worker index 0\.\.1"):
+        load_config(path)
+    path.write_text(text + "\n[worker_broker.0]\nbogus = 1\n")
+    with pytest.raises(ConfigError, match="bogus"):
+        load_config(path)
+    path.write_text(EXAMPLE.replace("workers = 1 ", "workers = 0 ", 1))
+    with pytest.raises(ConfigError, match="workers"):
+        load_config(path)

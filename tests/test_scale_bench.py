@@ -12,7 +12,7 @@ from edge_sdk.cli import main
 pytestmark = pytest.mark.broker
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)
 def test_bench_scale_quick_completes_rounds_and_loses_nothing(tmp_path: Path) -> None:
     out = tmp_path / "scale.json"
 
@@ -33,7 +33,13 @@ def test_bench_scale_quick_completes_rounds_and_loses_nothing(tmp_path: Path) ->
         assert key in data, key
     assert data["lost"] == 0 and data["double_counted"] == 0
     scenarios = data["scenarios"]
-    assert set(scenarios) == {"one_commit_per_update", "group_commit", "large"}
+    assert set(scenarios) == {
+        "one_commit_per_update",
+        "group_commit",
+        "group_commit_2_workers",
+        "large",
+        "large_2_workers",
+    }
     for name, sc in scenarios.items():
         assert "error" not in sc, (name, sc)
         assert sc["round_done"] and sc["sum_exact"], (name, sc)
@@ -44,6 +50,8 @@ def test_bench_scale_quick_completes_rounds_and_loses_nothing(tmp_path: Path) ->
     assert base["accept_transactions"] == base["devices"]
     assert 1 <= scenarios["group_commit"]["accept_transactions"] <= base["devices"]
     assert data["fsync_per_update_updates_per_s"] > 0 and data["updates_per_s_1_worker"] > 0
+    assert data["updates_per_s_2_workers"] > 0 and data["two_workers_vs_one"] is not None
+    assert scenarios["large_2_workers"]["workers"] == 2
     assert set(data["targets"]) == {
         "group_commit_vs_one_commit",
         "two_workers_vs_one",
