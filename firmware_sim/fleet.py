@@ -49,10 +49,11 @@ import numpy as np
 from aggregator.committee import CommitteeManifest, CommitteeVerifier
 from aggregator.config import relay_folder
 from aggregator.keyholder_config import PolicyTerms, run_ceremony
-from aggregator.optimizers import make_optimizer
+from aggregator.optimizers import FedAvg, make_optimizer
 from aggregator.planning import EvaluationPlan
 from aggregator.rounds import RoundConfig, RoundMachine, round_metrics
 from aggregator.service import AggregatorService
+from aggregator.shards import RootMachine, WorkerMachine
 from aggregator.store import AggregatorStore
 from edge_sdk.agent import (
     AgentHalt,
@@ -178,10 +179,15 @@ class FleetConfig:
     #: federated evaluation every this many rounds (0: off); each device
     #: evaluates the received model on its share of the validation split
     evaluate_every: int = 0
+    #: more than 1: the aggregator is a root and this many workers, each taking
+    #: one shard of the devices on its own broker connection (docs/scale.md)
+    workers: int = 1
 
     def __post_init__(self) -> None:
         if self.privacy not in ("dp", "he"):
             raise ValueError(f"privacy must be dp or he, got {self.privacy!r}")
+        if not 1 <= self.workers <= 16:
+            raise ValueError(f"workers must be in 1..16, got {self.workers}")
         if self.devices < 1 or self.rounds < 1:
             raise ValueError("devices and rounds must be >= 1")
         if not 1 <= self.threshold <= self.holders:
@@ -298,6 +304,7 @@ class Fleet:
         self._rng = random.Random(config.seed)
         self.agents: dict[str, DeviceAgent] = {}
         self._offline: set[str] = set()
+        self._workers: list[AggregatorService] = []
         self._reboot_requests: list[str] = []
         self._lock = threading.Lock()
         self.reboots = 0
@@ -379,8 +386,13 @@ class Fleet:
                 self._stop_agent(device_id)
             if service is not None:
                 result.rejections = dict(service.machine.rejections)
+                for worker in self._workers:
+                    for reason, n in worker.machine.rejections.items():
+                        result.rejections[reason] = result.rejections.get(reason, 0) + n
                 result.keyholder_refusals = int(service.machine.stats["keyholder_refused"])
                 service.close()
+            for worker in self._workers:
+                worker.close()
             if self.committee is not None:
                 self.committee.stop()
             if proxy is not None:
@@ -563,7 +575,8 @@ class Fleet:
         plan = fleet_plan(
             pk,
             dimension=int(weights.size),
-            devices=cfg.devices,
+            # a worker holds at most max_contributors // workers: room for any split
+            devices=cfg.devices * cfg.workers,
             min_clients=quorum,
             clip=cfg.clip,
             dp=cfg.privacy == "dp",
@@ -594,40 +607,56 @@ class Fleet:
                 *((("prox_mu", cfg.prox_mu),) if cfg.prox_mu > 0 else ()),
             ),
         )
-        machine = RoundMachine(
-            round_config,
-            plan,
-            registry,
-            make_optimizer({"name": cfg.server_opt, "lr": cfg.server_lr}),
-            initial_weights=weights,
-            committee=CommitteeVerifier(manifest),
-            identity=aggregator_identity,
-            binding=policy.djn_base,
-        )
-        store = AggregatorStore(
-            self.workdir / "aggregator.db",
-            federation=cfg.federation,
-            key_fingerprint=pk.fingerprint,
-        )
-        transport = MqttTransport(
-            TransportConfig(
-                **self.transport_settings(self._urls, 0, protocol),
-                client_id=f"edgefl-aggregator-{cfg.federation}",
-                clean_start=False,
-                session_expiry_s=3600,
-                manual_ack=True,
-                reconnect_min_s=0.2,
-                reconnect_max_s=2.0,
+        common: dict[str, Any] = {
+            "initial_weights": weights,
+            "committee": CommitteeVerifier(manifest),
+            "identity": aggregator_identity,
+            "binding": policy.djn_base,
+        }
+        optimizer = make_optimizer({"name": cfg.server_opt, "lr": cfg.server_lr})
+        machine: RoundMachine
+        if cfg.workers > 1:
+            machine = RootMachine(
+                round_config, plan, registry, optimizer, shards=cfg.workers, **common
             )
-        )
-        service = AggregatorService(
-            machine, store, transport, relay_dir=relay_folder(self.workdir / "aggregator.db")
-        )
+        else:
+            machine = RoundMachine(round_config, plan, registry, optimizer, **common)
+
+        def service_for(m: RoundMachine, name: str, node: int) -> AggregatorService:
+            db = self.workdir / f"{name}.db"
+            store = AggregatorStore(db, federation=cfg.federation, key_fingerprint=pk.fingerprint)
+            transport = MqttTransport(
+                TransportConfig(
+                    **self.transport_settings(self._urls, node, protocol),
+                    client_id=f"edgefl-{name}-{cfg.federation}",
+                    clean_start=False,
+                    session_expiry_s=3600,
+                    manual_ack=True,
+                    reconnect_min_s=0.2,
+                    reconnect_max_s=2.0,
+                )
+            )
+            return AggregatorService(m, store, transport, relay_dir=relay_folder(db))
+
+        service = service_for(machine, "aggregator", 0)
+        # workers on the nodes after the root's (the members' nodes too)
+        self._workers = [
+            service_for(
+                WorkerMachine(
+                    round_config, plan, registry, FedAvg(), shard=k, shards=cfg.workers, **common
+                ),
+                f"aggregator.worker-{k}",
+                k + 1,
+            )
+            for k in range(cfg.workers if cfg.workers > 1 else 0)
+        ]
         self.progress("setup", {"step": f"starting {cfg.devices} devices"})
         self._schedule_availability()  # round 1's drop-outs never come online
         for device_id in self._device_specs:
             if device_id not in self._offline:
                 self._start_agent(device_id)
+        for worker in self._workers:
+            worker.start(connect_timeout=30)
         service.start(connect_timeout=30)
         return service
 
@@ -643,7 +672,11 @@ class Fleet:
         last_count = -1
         expected = cfg.devices - len(self._offline)
         while not machine.finished and time.monotonic() < deadline:
-            service.pump(timeout=0.05)
+            service.pump(timeout=0.05 if not self._workers else 0.0)
+            for worker in self._workers:  # one thread: each store stays on it
+                worker.pump(timeout=0.0)
+            if self._workers:
+                time.sleep(0.01)
             self._handle_reboots()
             model = machine.model
             if model is not None and model.version > seen_version:

@@ -17,9 +17,11 @@ from typing import Any
 
 import pytest
 
+from aggregator.store import AggregatorStore
 from edge_sdk.cli import main
 from edge_sdk.errors import ConfigError
 from edge_sdk.privacy import PrivacyLedger
+from edge_sdk.protocol import shard_of
 from edge_sdk.transport import (
     ConnectRefusedError,
     InboundMessage,
@@ -105,6 +107,57 @@ def test_round_over_a_nats_cluster_survives_killing_the_aggregators_node(
     assert result.rejections == {}
     assert result.keyholder_refusals == 0
     assert _charged_rounds(tmp_path / "w") == [[1, 2]] * 5  # each device charged once a round
+
+
+def test_a_sharded_round_over_a_nats_cluster_survives_killing_a_workers_node(
+    nats_cluster: NatsCluster, tmp_path: Path
+) -> None:
+    """A root and two aggregator workers, members and devices spread over three nodes."""
+    urls = nats_cluster.urls
+    killed_at: list[float] = []
+    round_done_at: dict[int, float] = {}
+    lock = threading.Lock()
+
+    def kill_on_first_update(message: InboundMessage) -> None:
+        # node 3 carries worker 1, key holder 2 and devices 0 and 3
+        with lock:
+            if killed_at:
+                return
+            killed_at.append(time.monotonic())
+        threading.Thread(target=nats_cluster.kill_node, args=(2,), daemon=True).start()
+
+    def progress(kind: str, data: dict[str, Any]) -> None:
+        if kind == "round":
+            round_done_at.setdefault(int(data["round"]), time.monotonic())
+
+    watcher = MqttTransport(
+        TransportConfig(url=urls[0], client_id="watcher", protocol=311, clean_start=True)
+    )
+    watcher.subscribe("edgefl/v1/natsshard/updates/+/+", kill_on_first_update, qos=0)
+    watcher.connect(timeout=30)
+    try:
+        cfg = _config(",".join(urls), federation="natsshard", workers=2)
+        fleet = Fleet(cfg, tmp_path / "w", progress=progress, primes=SAFE_PRIMES)
+        at = [fleet.transport_settings(urls, k, 311)["url"] for k in range(3)]
+        assert len(set(at)) == 3  # root, worker 0, worker 1: three nodes
+        result = fleet.run(timeout_s=240)
+    finally:
+        watcher.close()
+
+    assert killed_at, "the node must die while round 1 collects"
+    assert killed_at[0] < round_done_at[1], "the node died after round 1 had closed"
+    assert not nats_cluster.nodes[2].running
+    assert [r.round for r in result.rounds] == [1, 2]
+    assert [r.contributors for r in result.rounds] == [5, 5]  # nothing lost
+    assert set(result.rejections) <= {"ahead", "no_round"}  # a device quicker than a worker
+    assert result.keyholder_refusals == 0
+    assert _charged_rounds(tmp_path / "w") == [[1, 2]] * 5
+    for k in range(2):  # each worker took only its own shard, each device once
+        with AggregatorStore(tmp_path / "w" / f"aggregator.worker-{k}.db", readonly=True) as st:
+            for r in (1, 2):
+                devices = [d for d, _, _ in st.accepted(r)]
+                assert len(devices) == len(set(devices))
+                assert all(shard_of(d, 2) == k for d in devices)
 
 
 def test_rounds_over_the_rabbitmq_mqtt_plugin(rabbitmq: RabbitMQBroker, tmp_path: Path) -> None:

@@ -569,3 +569,27 @@ def test_passphrase_file_must_hold_a_passphrase(tmp_path: Path) -> None:
         read_ca_passphrase(tmp_path / "missing")
     (tmp_path / "ok").write_text("pw\nignored\n")
     assert read_ca_passphrase(tmp_path / "ok") == b"pw"
+
+
+def test_cli_mosquitto_gives_each_aggregator_worker_its_own_user(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ca = CertificateAuthority.init(tmp_path / "ca")
+    ca.issue("broker", "broker")
+    ca.issue("aggregator", "aggregator")
+    ca.issue("keyholder", "keyholder-1")
+    ca.issue("device", "dA")
+    out = tmp_path / "broker"
+    args = ["--dir", str(ca.folder), "--federation", "fed", "--out", str(out), "--json"]
+    ca.issue("aggregator", "aggregator-worker-1")  # worker 0 missing: refused
+    assert _pki("mosquitto", *args) == 2
+    assert "aggregator-worker-0..N-1" in capsys.readouterr().err
+    ca.issue("aggregator", "aggregator-worker-0")
+    assert _pki("mosquitto", *args) == 0
+    users = json.loads(capsys.readouterr().out)["users"]
+    assert {"aggregator", "aggregator-worker-0", "aggregator-worker-1"} <= set(users)
+    acl = (out / "acl").read_text()
+    for user in ("aggregator-worker-0", "aggregator-worker-1"):
+        block = acl.split(f"user {user}\n", 1)[1].split("\nuser ", 1)[0]
+        assert "topic read edgefl/v1/fed/updates/+/+" in block
+        assert "topic readwrite edgefl/v1/fed/aggregator/partial/+" in block
