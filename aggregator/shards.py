@@ -283,7 +283,7 @@ class WorkerMachine(RoundMachine):
 
     def _report(self, now: int, *, force: bool = False) -> list[Action]:
         """A count report (collecting) or the whole sealed partial sum, when due."""
-        if self._record is None:
+        if self._record is None or self.finished:
             return []
         sealed = self.phase == "sealed"
         key = (self.round_id, self._acc.count)
