@@ -170,6 +170,7 @@ class WorkerMachine(RoundMachine):
         self.report_ms = report_ms
         self.resend_ms = resend_ms
         self._reported: tuple[int, int] = (-1, -1)  # (round, count) last reported
+        self._sealed_report: tuple[int, tuple[Action, ...]] = (-1, ())
         self._last_report_ms = -(1 << 62)
 
     # -- what differs from a single aggregator -----------------------------------
@@ -299,7 +300,12 @@ class WorkerMachine(RoundMachine):
                 return []
         self._reported = key
         self._last_report_ms = now
-        proofs = tuple(self._accepted[d] for d in sorted(self._accepted))
+        if sealed and self._sealed_report[0] == self.round_id:
+            return list(self._sealed_report[1])  # a re-send: the same signed bytes
+        contributors = b""
+        if sealed:
+            proofs = tuple(self._accepted[d] for d in sorted(self._accepted))
+            contributors = KeyholderRequest.pack_proofs(proofs)
         partial = self._sign(
             PartialSum(
                 federation=self.config.federation,
@@ -310,12 +316,12 @@ class WorkerMachine(RoundMachine):
                 sealed=int(sealed),
                 count=self._acc.count,
                 encrypted_sum=self._acc.value.to_bytes() if sealed and self._acc.count else b"",
-                contributors=KeyholderRequest.pack_proofs(proofs) if sealed else b"",
-                issued_ms=now,
+                contributors=contributors,
+                issued_ms=self._record.closed_ms if sealed else now,
             )
         )
         topic = self.topics.partial(self.worker_id)
-        return [
+        actions: list[Action] = [
             Publish(topic=topic, payload=c.to_bytes())
             for c in split_payload(
                 partial.to_bytes(),
@@ -326,6 +332,9 @@ class WorkerMachine(RoundMachine):
                 max_message_size=self.config.max_message_size,
             )
         ]
+        if sealed:  # nothing of a sealed round changes: kept for the re-sends
+            self._sealed_report = (self.round_id, tuple(actions))
+        return actions
 
     def _on_worker_gap(self, gap: WitnessGap, now: int) -> list[Action]:
         """A member missed updates of a sealed round: relay those of this shard."""

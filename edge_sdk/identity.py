@@ -324,8 +324,11 @@ class DeviceRegistry:
         )
         self._approved.discard(device_id)
 
-    def approval_count(self, device_id: str) -> int:
-        """Valid approvals of a device's current key by the required approvers."""
+    def approval_count(self, device_id: str, *, enough: int | None = None) -> int:
+        """Valid approvals of a device's current key by the required approvers.
+
+        ``enough``: stop counting (and checking signatures) once that many are valid.
+        """
         rec = self._devices.get(device_id)
         if rec is None:
             return 0
@@ -333,19 +336,22 @@ class DeviceRegistry:
         valid = set()
         for holder, signature in rec.approvals:
             key = self._approvers.get(holder)
-            if key is None:
+            if key is None or holder in valid:
                 continue
             try:
                 verify_signature(key, data, signature)
             except InvalidSignatureError:
                 continue
             valid.add(holder)
+            if enough is not None and len(valid) >= enough:
+                break
         return len(valid)
 
     def _is_approved(self, device_id: str) -> bool:
         if not self._approvals_needed or device_id in self._approved:
             return True
-        if self.approval_count(device_id) >= self._approvals_needed:
+        needed = self._approvals_needed
+        if self.approval_count(device_id, enough=needed) >= needed:
             self._approved.add(device_id)
             return True
         return False
