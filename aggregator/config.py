@@ -490,6 +490,10 @@ def build_aggregator(
     from edge_sdk.privacy import DPPolicy
 
     agg = cfg.aggregator
+    if worker is not None and agg.workers < 2:
+        raise ConfigError("--worker needs [aggregator] workers >= 2")
+    if worker is not None and not 0 <= worker < agg.workers:
+        raise ConfigError(f"--worker must be in 0..{agg.workers - 1}, got {worker}")
     federation = agg.federation
     dimension = agg.dimension
     min_clients = agg.min_clients
@@ -603,10 +607,6 @@ def build_aggregator(
     optimizer = make_optimizer(agg.optimizer)
     store_path = cfg.path(agg.store)
     broker = cfg.broker_for(worker)
-    if worker is not None and agg.workers < 2:
-        raise ConfigError("--worker needs [aggregator] workers >= 2")
-    if worker is not None and not 0 <= worker < agg.workers:
-        raise ConfigError(f"--worker must be in 0..{agg.workers - 1}, got {worker}")
     if agg.workers > 1 and members:
         raise ConfigError(
             "[committee] mode = inprocess-insecure-dev cannot run with [aggregator] workers > 1 "

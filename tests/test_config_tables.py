@@ -129,3 +129,17 @@ def test_workers_get_their_own_session_and_may_get_their_own_broker_user(tmp_pat
     path.write_text(EXAMPLE.replace("workers = 1 ", "workers = 0 ", 1))
     with pytest.raises(ConfigError, match="workers"):
         load_config(path)
+
+
+def test_serve_worker_needs_workers_and_an_index_in_range(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edge_sdk.cli import main
+
+    path = tmp_path / "aggregator.toml"
+    path.write_text(EXAMPLE)
+    assert main(["aggregator", "serve", "--config", str(path), "--worker", "0"]) == 2
+    assert "workers >= 2" in capsys.readouterr().err
+    path.write_text(EXAMPLE.replace("workers = 1 ", "workers = 2 ", 1))
+    assert main(["aggregator", "serve", "--config", str(path), "--worker", "2"]) == 2
+    assert "0..1" in capsys.readouterr().err
