@@ -486,7 +486,7 @@ class AggregatorService:
             if payload is None:
                 return
             partial = PartialSum.from_bytes(payload, max_size=MAX_REQUEST_BYTES)
-            if not message.topic.endswith(f"/{partial.worker_id}"):
+            if message.topic != self.topics.partial(partial.worker_id):
                 raise DecodeError("partial sum of another worker", reason="sender")
         except DecodeError as exc:
             log.warning("bad partial sum: %s", exc)

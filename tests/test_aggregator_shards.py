@@ -467,7 +467,7 @@ def test_an_update_ahead_of_the_worker_gets_no_receipt(keypair, fleet, ident, tm
     assert _reasons(got) == ["ahead"] and _statuses(got) == []  # the device resends later
     # before any round at all, likewise
     fresh = _worker(pk, fleet, ident, tmp_path / "fresh", 0, 6)
-    got = fresh.machine.handle(Start(now_ms=1))
+    assert fresh.machine.handle(Start(now_ms=1)) == []  # nothing to report yet
     topic = TOPICS.round_updates("dev00", SHARDS)
     msg = MessageReceived(topic=topic, payload=b"x", now_ms=2)
     assert _reasons(fresh.machine.handle(msg)) == ["no_round"]

@@ -59,36 +59,52 @@ def _charged_rounds(workdir: Path) -> list[list[int]]:
     return [[e.round_id for e in PrivacyLedger.open_existing(p).entries] for p in ledgers]
 
 
+class _NodeKiller:
+    """Kills one cluster node when the first update goes by (seen from another node).
+
+    Also records when each round completed (``progress``), so a test can
+    check that the node died while round 1 was still collecting.
+    """
+
+    def __init__(self, cluster: NatsCluster, node: int, watch_url: str, topic: str) -> None:
+        self.cluster, self.node = cluster, node
+        self.killed_at: list[float] = []
+        self.round_done_at: dict[int, float] = {}
+        self._lock = threading.Lock()
+        self.watcher = MqttTransport(
+            TransportConfig(url=watch_url, client_id="watcher", protocol=311, clean_start=True)
+        )
+        self.watcher.subscribe(topic, self._on_update, qos=0)
+        self.watcher.connect(timeout=30)
+
+    def _on_update(self, message: InboundMessage) -> None:
+        with self._lock:
+            if self.killed_at:
+                return
+            self.killed_at.append(time.monotonic())
+        threading.Thread(target=self.cluster.kill_node, args=(self.node,), daemon=True).start()
+
+    def progress(self, kind: str, data: dict[str, Any]) -> None:
+        if kind == "round":
+            self.round_done_at.setdefault(int(data["round"]), time.monotonic())
+
+    def check_killed_mid_round_1(self) -> None:
+        assert self.killed_at, "the node must die while round 1 collects"
+        assert self.killed_at[0] < self.round_done_at[1], "the node died after round 1 had closed"
+        assert not self.cluster.nodes[self.node].running
+
+
 def test_round_over_a_nats_cluster_survives_killing_the_aggregators_node(
     nats_cluster: NatsCluster, tmp_path: Path
 ) -> None:
     urls = nats_cluster.urls
-    killed_at: list[float] = []
-    round_done_at: dict[int, float] = {}
-    lock = threading.Lock()
-
-    def kill_on_first_update(message: InboundMessage) -> None:
-        # node 1 carries the aggregator, key holder 3 and devices 1 and 4; it dies as
-        # soon as the first update is on its way (seen from node 2), while round 1
-        # collects: the aggregator may not have it yet, the others are still to come
-        with lock:
-            if killed_at:
-                return
-            killed_at.append(time.monotonic())
-        threading.Thread(target=nats_cluster.kill_node, args=(0,), daemon=True).start()
-
-    def progress(kind: str, data: dict[str, Any]) -> None:
-        if kind == "round":
-            round_done_at.setdefault(int(data["round"]), time.monotonic())
-
-    watcher = MqttTransport(
-        TransportConfig(url=urls[1], client_id="watcher", protocol=311, clean_start=True)
-    )
-    watcher.subscribe("edgefl/v1/natsfed/updates/+", kill_on_first_update, qos=0)
-    watcher.connect(timeout=30)
+    # node 1 carries the aggregator, key holder 3 and devices 1 and 4; it dies as
+    # soon as the first update is on its way (seen from node 2), while round 1
+    # collects: the aggregator may not have it yet, the others are still to come
+    killer = _NodeKiller(nats_cluster, 0, urls[1], "edgefl/v1/natsfed/updates/+")
     try:
         cfg = _config(",".join(urls), federation="natsfed")
-        fleet = Fleet(cfg, tmp_path / "w", progress=progress, primes=SAFE_PRIMES)
+        fleet = Fleet(cfg, tmp_path / "w", progress=killer.progress, primes=SAFE_PRIMES)
         placement = {
             "aggregator": fleet.transport_settings(urls, 0, 311)["url"],
             "holders": [fleet.transport_settings(urls, k + 1, 311)["url"] for k in range(3)],
@@ -97,11 +113,9 @@ def test_round_over_a_nats_cluster_survives_killing_the_aggregators_node(
         assert set(placement["holders"]) == set(urls) and set(placement["devices"]) == set(urls)
         result = fleet.run(timeout_s=240)  # below the per-test timeout: its own error
     finally:
-        watcher.close()
+        killer.watcher.close()
 
-    assert killed_at, "the node must die while round 1 collects"
-    assert killed_at[0] < round_done_at[1], "the node died after round 1 had closed"
-    assert not nats_cluster.nodes[0].running
+    killer.check_killed_mid_round_1()
     assert [r.round for r in result.rounds] == [1, 2]
     assert [r.contributors for r in result.rounds] == [5, 5]  # nothing lost
     assert result.rejections == {}
@@ -114,39 +128,18 @@ def test_a_sharded_round_over_a_nats_cluster_survives_killing_a_workers_node(
 ) -> None:
     """A root and two aggregator workers, members and devices spread over three nodes."""
     urls = nats_cluster.urls
-    killed_at: list[float] = []
-    round_done_at: dict[int, float] = {}
-    lock = threading.Lock()
-
-    def kill_on_first_update(message: InboundMessage) -> None:
-        # node 3 carries worker 1, key holder 2 and devices 0 and 3
-        with lock:
-            if killed_at:
-                return
-            killed_at.append(time.monotonic())
-        threading.Thread(target=nats_cluster.kill_node, args=(2,), daemon=True).start()
-
-    def progress(kind: str, data: dict[str, Any]) -> None:
-        if kind == "round":
-            round_done_at.setdefault(int(data["round"]), time.monotonic())
-
-    watcher = MqttTransport(
-        TransportConfig(url=urls[0], client_id="watcher", protocol=311, clean_start=True)
-    )
-    watcher.subscribe("edgefl/v1/natsshard/updates/+/+", kill_on_first_update, qos=0)
-    watcher.connect(timeout=30)
+    # node 3 carries worker 1, key holder 2 and devices 0 and 3
+    killer = _NodeKiller(nats_cluster, 2, urls[0], "edgefl/v1/natsshard/updates/+/+")
     try:
         cfg = _config(",".join(urls), federation="natsshard", workers=2)
-        fleet = Fleet(cfg, tmp_path / "w", progress=progress, primes=SAFE_PRIMES)
+        fleet = Fleet(cfg, tmp_path / "w", progress=killer.progress, primes=SAFE_PRIMES)
         at = [fleet.transport_settings(urls, k, 311)["url"] for k in range(3)]
         assert len(set(at)) == 3  # root, worker 0, worker 1: three nodes
         result = fleet.run(timeout_s=240)
     finally:
-        watcher.close()
+        killer.watcher.close()
 
-    assert killed_at, "the node must die while round 1 collects"
-    assert killed_at[0] < round_done_at[1], "the node died after round 1 had closed"
-    assert not nats_cluster.nodes[2].running
+    killer.check_killed_mid_round_1()
     assert [r.round for r in result.rounds] == [1, 2]
     assert [r.contributors for r in result.rounds] == [5, 5]  # nothing lost
     assert set(result.rejections) <= {"ahead", "no_round"}  # a device quicker than a worker
