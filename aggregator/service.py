@@ -551,10 +551,10 @@ class AggregatorService:
             if isinstance(action, PersistAccepted):
                 self._keep_for_relay(action)
                 if self.commit_batch == 1:
+                    if self._relay_log is not None:  # kept before the row is durable
+                        self._relay_log.flush()
                     self.crash.hit("accept_before_commit")
                     self.store.persist_accepted(action)
-                    if self._relay_log is not None:
-                        self._relay_log.flush()
                     self.accept_commits += 1
                     self.updates_committed += 1
                     self.crash.hit("accept_after_commit")
@@ -631,11 +631,11 @@ class AggregatorService:
         deferred, self._deferred = self._deferred, []
         for _ in batch:
             self.crash.hit("accept_before_commit")
+        if self._relay_log is not None:  # a durable update always has its relay copy
+            self._relay_log.flush()
         self.crash.hit("batch_before_commit")
         self.store.persist_accepted_batch(batch)
         self.crash.hit("batch_after_commit")
-        if self._relay_log is not None:
-            self._relay_log.flush()
         self.accept_commits += 1
         self.updates_committed += len(batch)
         for action in batch:
