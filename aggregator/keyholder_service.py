@@ -21,17 +21,23 @@ clustered broker losing a node) thus costs seconds, not the round.
 The rounds it answered (request digests, never plaintexts) are kept in a
 small JSON state file written BEFORE the share leaves, so a member killed at
 any point and restarted never releases shares for two different sums of one
-round. Every update it stores in its witness is written (atomically, fsync)
-to ``{state}-witness/{device}/{round}.upd`` BEFORE the broker message is
-acknowledged, and reloaded (and re-verified) at start: a member killed
-mid-round loses none of the updates it had seen. Files of answered rounds
-and beyond a device's witness slots are deleted.
+round. Every update it stores in its witness is appended to
+``{state}-witness.log`` (:class:`~aggregator.witness_log.WitnessLog`), and
+the broker message is acknowledged only once that log is fsynced: in batches
+of up to ``witness_batch`` updates, or ``witness_sync_ms`` after the first
+of a batch arrived (group commit; one fsync per batch, not two per update).
+At start the log is read back and every update in it verified again: a
+member killed mid-round loses none of the updates it had acknowledged, and
+an update it had not acknowledged is redelivered by its durable session.
+The log is compacted after each answered round (and whenever dead records
+outnumber the live ones).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -39,6 +45,7 @@ from pathlib import Path
 
 from aggregator.committee import request_digest
 from aggregator.keyholder import KeyHolder
+from aggregator.witness_log import WitnessLog
 from edge_sdk._fs import atomic_write
 from edge_sdk.errors import DecodeError
 from edge_sdk.protocol import (
@@ -93,6 +100,10 @@ class KeyholderService:
         relay_idle_s: ask for a relay of missing updates only once no update
             arrived for this long (a member still catching up just waits).
         clock: seconds (monotonic), injected for tests.
+        witness_batch: most witnessed updates made durable (and acknowledged)
+            by one fsync.
+        witness_sync_ms: a batch is synced at the latest this long after
+            its first update arrived.
     """
 
     def __init__(
@@ -104,8 +115,12 @@ class KeyholderService:
         witness_grace_s: float = 60.0,
         relay_idle_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
+        witness_batch: int = 64,
+        witness_sync_ms: float = 5.0,
     ) -> None:
-        """Create the service; :meth:`start` connects."""
+        """Create the service (reloading its witness log); :meth:`start` connects."""
+        if witness_batch < 1 or witness_sync_ms < 0:
+            raise ValueError("witness_batch must be >= 1 and witness_sync_ms >= 0")
         self.keyholder = keyholder
         self.transport = transport
         self.state_path = state_path
@@ -125,50 +140,107 @@ class KeyholderService:
         )
         self.gaps_sent = 0
         load_state(keyholder, state_path)
-        self.witness_dir = (
-            None if state_path is None else state_path.with_name(state_path.stem + "-witness")
-        )
-        if self.witness_dir is not None:
-            self.reloaded = self._reload_witness()
+        self.witness_batch = witness_batch
+        self.witness_sync_s = witness_sync_ms / 1000.0
+        self._unacked: list[InboundMessage] = []  # stored, waiting for the log's fsync
+        self._dirty = threading.Event()
+        self._closing = threading.Event()
+        self._flusher: threading.Thread | None = None
+        self._pruned_through = -1
+        self.witness_syncs = 0
+        self.reloaded = 0
+        self.witness_log: WitnessLog | None = None
+        if state_path is not None:
+            self.witness_log = WitnessLog(state_path.with_name(state_path.stem + "-witness.log"))
+            self.reloaded = self._reload_witness(state_path.with_name(state_path.stem + "-witness"))
             keyholder.on_stored = self._persist_update
 
-    def _reload_witness(self) -> int:
-        """Feed the updates stored before a restart back to the witness."""
-        assert self.witness_dir is not None
+    def _reload_witness(self, old_folder: Path) -> int:
+        """Feed the updates stored before a restart back to the witness (verified again).
+
+        Also takes over the file-per-update folder of earlier versions
+        (``{state}-witness/{device}/{round}.upd``): its updates go to the log,
+        then the folder is deleted.
+        """
+        assert self.witness_log is not None
         reloaded = 0
-        for path in sorted(self.witness_dir.glob("*/*.upd")):
+        for device, round_id, payload in self.witness_log.records():
             try:
-                update = EncryptedUpdate.from_bytes(path.read_bytes(), max_size=MAX_UPDATE_BYTES)
-            except (OSError, DecodeError):
-                path.unlink(missing_ok=True)  # a torn or foreign file: never trusted
+                update = EncryptedUpdate.from_bytes(payload, max_size=MAX_UPDATE_BYTES)
+            except DecodeError:
+                continue  # never trusted; dropped by the compaction below
+            if (update.device_id, update.round_id) != (device, round_id):
                 continue
             if self.keyholder.witness_update(update) == "stored":
                 reloaded += 1
-            else:
-                path.unlink(missing_ok=True)
-        self._prune()
+        if old_folder.is_dir():
+            for path in sorted(old_folder.glob("*/*.upd")):
+                try:
+                    update = EncryptedUpdate.from_bytes(
+                        path.read_bytes(), max_size=MAX_UPDATE_BYTES
+                    )
+                except (OSError, DecodeError):
+                    continue
+                if self.keyholder.witness_update(update) == "stored":
+                    self.witness_log.append(update.device_id, update.round_id, path.read_bytes())
+                    reloaded += 1
+            self.witness_log.sync()
+            shutil.rmtree(old_folder, ignore_errors=True)
+        self._compact()
         return reloaded
 
     def _persist_update(self, update: EncryptedUpdate, payload: bytes) -> None:
-        assert self.witness_dir is not None
-        folder = self.witness_dir / update.device_id
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        atomic_write(folder / f"{update.round_id}.upd", payload, mode=0o600)
-        kept = sorted((int(p.stem), p) for p in folder.glob("*.upd") if p.stem.isdigit())
-        for _, old in kept[: max(0, len(kept) - self.keyholder.witness_rounds)]:
-            old.unlink(missing_ok=True)
+        """Append a newly stored update to the log (durable at the next sync)."""
+        assert self.witness_log is not None
+        self.witness_log.append(update.device_id, update.round_id, payload)
+
+    def _compact(self) -> None:
+        """Rewrite the log with the updates the witness still holds."""
+        if self.witness_log is None:
+            return
+        self.witness_log.rewrite(lambda d, r: self.keyholder.witnessed(d, r) is not None)
+        self._pruned_through = max(self.keyholder.answered_rounds(), default=-1)
 
     def _prune(self) -> None:
-        """Delete stored updates of rounds already answered."""
-        if self.witness_dir is None or not self.witness_dir.exists():
+        """Compact the log once a round was answered, or when it is mostly dead records."""
+        if self.witness_log is None:
             return
         answered = max(self.keyholder.answered_rounds(), default=-1)
-        for path in self.witness_dir.glob("*/*.upd"):
-            if not path.stem.isdigit() or int(path.stem) <= answered:
-                path.unlink(missing_ok=True)
+        live = self.keyholder.witnessed_count()
+        if answered > self._pruned_through or self.witness_log.count > 2 * live + 1024:
+            self._sync_witness()
+            self._compact()
+
+    def _sync_witness(self) -> None:
+        """Make the appended updates durable, then acknowledge their broker messages."""
+        if self.witness_log is not None and self.witness_log.unsynced:
+            self.witness_log.sync()
+            self.witness_syncs += 1
+        pending, self._unacked = self._unacked, []
+        for message in pending:
+            message.ack()
+
+    def flush_witness(self) -> None:
+        """Sync the witness log and acknowledge what it holds now (also done in batches)."""
+        with self._lock:
+            self._sync_witness()
+
+    def _flush_loop(self) -> None:
+        while not self._closing.is_set():
+            if not self._dirty.wait(0.5):
+                continue
+            self._closing.wait(self.witness_sync_s)  # let a batch gather
+            with self._lock:
+                self._dirty.clear()
+                self._sync_witness()
 
     def start(self, *, connect_timeout: float | None = 30.0) -> None:
-        """Subscribe and connect."""
+        """Subscribe, start the witness log's flusher and connect."""
+        if self._flusher is None:
+            self._flusher = threading.Thread(
+                target=self._flush_loop, name="witness-flush", daemon=True
+            )
+            self._flusher.start()
         self.transport.subscribe(self.topics.keyholder_request, self._on_message, qos=1)
         self.transport.subscribe(self.topics.updates_filter, self._on_update, qos=1)
         # rounds split over aggregator workers: updates/{shard}/{device}
@@ -211,6 +283,7 @@ class KeyholderService:
                         outcome,
                     )
                     if outcome == "stored":
+                        self._sync_witness()  # durable before the relay is acknowledged
                         self._retry_waiting()
             except DecodeError as exc:
                 log.warning("bad relay message: %s", exc)
@@ -225,8 +298,17 @@ class KeyholderService:
 
     def _on_update(self, message: InboundMessage) -> None:
         with self._lock:
+            deferred = False
             try:
                 outcome = self.keyholder.witness(message.topic, message.payload)
+                if outcome == "stored" and self.witness_log is not None:
+                    # acknowledged once the log holding it is fsynced (its batch)
+                    self._unacked.append(message)
+                    deferred = True
+                    if len(self._unacked) >= self.witness_batch:
+                        self._sync_witness()
+                    else:
+                        self._dirty.set()
                 if outcome in ("stored", "partial"):
                     # new updates still arriving (a member catching up); duplicates
                     # (brokers redeliver, devices resend) do not count
@@ -242,7 +324,8 @@ class KeyholderService:
                             seen,
                         )
             finally:
-                message.ack()
+                if not deferred:
+                    message.ack()
 
     def _on_message(self, message: InboundMessage) -> None:
         with self._lock:
@@ -367,5 +450,12 @@ class KeyholderService:
                 log.warning("publishing the result failed: %s", exc)
 
     def close(self) -> None:
-        """Disconnect."""
+        """Sync and acknowledge the witnessed updates, close the log, disconnect."""
+        self._closing.set()
+        if self._flusher is not None:
+            self._flusher.join(5)
+        with self._lock:
+            self._sync_witness()
+            if self.witness_log is not None:
+                self.witness_log.close()
         self.transport.close()

@@ -23,6 +23,7 @@ import numpy.typing as npt
 
 from aggregator.rounds import round_outcome
 from aggregator.store import AggregatorStore
+from aggregator.witness_log import read_witness_log
 from edge_sdk.crypto import PaillierPrivateKey, PaillierPublicKey
 from edge_sdk.identity import DeviceIdentity
 from edge_sdk.protocol import (
@@ -202,8 +203,10 @@ class Env:
 
     def witnessed(self, holder: str, round_id: int, devices: tuple[str, ...] = DEVICES) -> bool:
         """Whether ``holder`` persisted (witnessed) these devices' updates of ``round_id``."""
-        folder = self.holder_dir(holder) / "state-witness"
-        return all((folder / d / f"{round_id}.upd").exists() for d in devices)
+        kept = {
+            (d, r) for d, r, _ in read_witness_log(self.holder_dir(holder) / "state-witness.log")
+        }
+        return all((d, round_id) in kept for d in devices)
 
     def state(self, holder: str) -> dict[str, str]:
         path = self.holder_dir(holder) / "state.json"

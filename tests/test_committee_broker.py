@@ -264,7 +264,7 @@ def test_attacks_are_refused_by_every_member_and_honest_rounds_keep_closing(env:
     env.publish_update(signed)
     for holder in HOLDERS:
         wait_for(
-            lambda h=holder: (env.holder_dir(h) / "state-witness" / victim / "1002.upd").exists(),
+            lambda h=holder: env.witnessed(h, honest.round_id + 1000, (victim,)),
             f"{holder} witnessing the signed future update",
         )
     attacker.close()

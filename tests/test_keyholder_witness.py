@@ -15,6 +15,7 @@ import numpy as np
 from aggregator.committee import request_digest
 from aggregator.keyholder_service import KeyholderService
 from aggregator.planning import build_announcement
+from aggregator.witness_log import read_witness_log
 from edge_sdk.crypto import CiphertextVector, PaillierPrivateKey, PaillierPublicKey, sum_ciphertexts
 from edge_sdk.protocol import (
     Chunk,
@@ -238,8 +239,11 @@ def test_restarted_member_reloads_what_it_witnessed(keypair, tmp_path: Path) -> 
         for d, x in zip(fleet.ids()[:3], deltas(3, DIM), strict=True)
     ]
     _publish_updates(broker, updates)
-    stored = sorted(p.relative_to(state.parent) for p in state.parent.rglob("*.upd"))
-    assert [str(p) for p in stored] == [f"state-witness/{u.device_id}/1.upd" for u in updates]
+    log_path = tmp_path / "kh1" / "state-witness.log"
+    first.flush_witness()  # what the flusher does within witness_sync_ms
+    stored = [(d, r) for d, r, _ in read_witness_log(log_path)]
+    assert stored == [(u.device_id, 1) for u in updates]
+    assert first.witness_syncs == 1  # one fsync for the three updates
     first.transport.close()  # "SIGKILL": nothing but the files survives
     restarted = make_keyholders(committee, fleet)[0]
     assert restarted.missing(_request(ann, updates, b"\x01")) == 3
@@ -250,5 +254,9 @@ def test_restarted_member_reloads_what_it_witnessed(keypair, tmp_path: Path) -> 
     result = restarted.handle(request)
     assert isinstance(result, KeyholderCommit)  # it commits again to this request
     assert result.request_digest == request_digest(request)
+    # the aggregator re-asks: the same request is not checked again (no re-verification)
+    again = restarted.handle(request)
+    assert isinstance(again, KeyholderCommit) and again.request_digest == result.request_digest
+    assert restarted.counters.get("reask") == 1
     second._prune()
-    assert list(state.parent.rglob("*.upd")) == []  # answered: the blobs are gone
+    assert read_witness_log(log_path) == []  # answered: the copies are gone
