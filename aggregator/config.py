@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_sdk._tables import parse_table
-from edge_sdk.errors import ConfigError
+from edge_sdk.errors import ConfigError, EdgeFLError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -505,12 +505,16 @@ def build_aggregator(
     max_contributors = (
         agg.max_contributors if agg.max_contributors is not None else max(1000, target + slack)
     )
-    public_key = load_public_key(cfg.path(agg.public_key))
-    registry = DeviceRegistry.load(cfg.path(agg.registry))
-    manifest = load_manifest(cfg)
-    fed_policy = None
-    if agg.policy:
-        fed_policy = FederationPolicy.load(cfg.path(agg.policy))
+    try:  # a file the configuration names that is missing or unusable: a configuration error
+        public_key = load_public_key(cfg.path(agg.public_key))
+        registry = DeviceRegistry.load(cfg.path(agg.registry))
+        manifest = load_manifest(cfg)
+        fed_policy = FederationPolicy.load(cfg.path(agg.policy)) if agg.policy else None
+    except ConfigError:
+        raise
+    except (EdgeFLError, OSError) as exc:
+        raise ConfigError(str(exc)) from None
+    if fed_policy is not None:
         if (
             fed_policy.committee_fingerprint != manifest.fingerprint
             or fed_policy.key_fingerprint != public_key.fingerprint

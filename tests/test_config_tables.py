@@ -143,3 +143,16 @@ def test_serve_worker_needs_workers_and_an_index_in_range(
     path.write_text(EXAMPLE.replace("workers = 1 ", "workers = 2 ", 1))
     assert main(["aggregator", "serve", "--config", str(path), "--worker", "2"]) == 2
     assert "0..1" in capsys.readouterr().err
+
+
+def test_serve_with_a_missing_key_file_is_a_configuration_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file the configuration names that cannot be read exits 2 (usage), naming it."""
+    from edge_sdk.cli import main
+
+    path = tmp_path / "aggregator.toml"
+    path.write_text(EXAMPLE)
+    assert main(["aggregator", "serve", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "public key file" in err and "paillier_public.json" in err
