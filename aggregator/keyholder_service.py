@@ -48,6 +48,7 @@ from aggregator.keyholder import KeyHolder
 from aggregator.witness_log import WitnessLog
 from edge_sdk._fs import atomic_write
 from edge_sdk.errors import DecodeError
+from edge_sdk.identity import check_approvals_in_background
 from edge_sdk.protocol import (
     Chunk,
     EncryptedUpdate,
@@ -146,6 +147,7 @@ class KeyholderService:
         self._dirty = threading.Event()
         self._closing = threading.Event()
         self._flusher: threading.Thread | None = None
+        self._approval_check: threading.Event | None = None
         self._pruned_through = -1
         self.witness_syncs = 0
         self.reloaded = 0
@@ -241,6 +243,10 @@ class KeyholderService:
                 target=self._flush_loop, name="witness-flush", daemon=True
             )
             self._flusher.start()
+        if self._approval_check is None:  # ahead of the first updates (it witnesses them all)
+            self._approval_check = check_approvals_in_background(
+                self.keyholder.registry, name="approval-check"
+            )
         self.transport.subscribe(self.topics.keyholder_request, self._on_message, qos=1)
         self.transport.subscribe(self.topics.updates_filter, self._on_update, qos=1)
         # rounds split over aggregator workers: updates/{shard}/{device}
@@ -452,6 +458,8 @@ class KeyholderService:
     def close(self) -> None:
         """Sync and acknowledge the witnessed updates, close the log, disconnect."""
         self._closing.set()
+        if self._approval_check is not None:
+            self._approval_check.set()
         if self._flusher is not None:
             self._flusher.join(5)
         with self._lock:

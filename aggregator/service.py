@@ -82,6 +82,7 @@ from aggregator.rounds import (
 from aggregator.shards import RootMachine, WorkerMachine
 from aggregator.store import AggregatorStore
 from edge_sdk.errors import DecodeError
+from edge_sdk.identity import check_approvals_in_background
 from edge_sdk.protocol import (
     Chunk,
     KeyholderResult,
@@ -91,6 +92,7 @@ from edge_sdk.protocol import (
     Topics,
     WitnessGap,
     parse_topic,
+    shard_of,
     split_payload,
 )
 from edge_sdk.protocol.limits import MAX_ANNOUNCEMENT_BYTES, MAX_REQUEST_BYTES, MAX_SHARE_BYTES
@@ -272,6 +274,7 @@ class AggregatorService:
         self.updates_committed = 0
         self._relay_log = None if relay_dir is None else RelayLog(relay_dir)
         self.relayed = 0
+        self._approval_check: threading.Event | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -290,9 +293,25 @@ class AggregatorService:
         self.transport.on_connection_change(self._on_connection)
         self.transport.connect(timeout=connect_timeout)
         self._started = True
+        self._check_approvals()
         self._fit_chunks_to_transport()
         self.feed(Start(now_ms=self.clock_ms()))
         self.crash.hit("after_start")
+
+    def _check_approvals(self) -> None:
+        """Check the committee's approvals of this process's devices in the background.
+
+        A root takes no device updates; a worker only its shard's devices.
+        """
+        machine = self.machine
+        if isinstance(machine, RootMachine) or self._approval_check is not None:
+            return
+        ids = machine.registry.active_ids()
+        if isinstance(machine, WorkerMachine):
+            ids = [d for d in ids if shard_of(d, machine.shards) == machine.shard]
+        self._approval_check = check_approvals_in_background(
+            machine.registry, ids, name="approval-check"
+        )
 
     def _subscribe(self) -> None:
         """What this service takes: a single aggregator, a sharded root or one worker."""
@@ -334,6 +353,8 @@ class AggregatorService:
 
     def close(self) -> None:
         """Commit the open batch (sending what waited for it), disconnect, close the store."""
+        if self._approval_check is not None:
+            self._approval_check.set()
         try:
             self.flush_batch()
             self.transport.flush(timeout=5.0)

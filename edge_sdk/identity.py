@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,7 @@ __all__ = [
     "DeviceRecord",
     "DeviceRegistry",
     "SignedMessage",
+    "check_approvals_in_background",
     "enrollment_bytes",
     "sign_message",
     "verify_message",
@@ -44,6 +47,7 @@ __all__ = [
 ]
 
 _ID = ID_PATTERN
+_log = logging.getLogger(__name__)
 
 
 def _check_id(device_id: str) -> str:
@@ -204,6 +208,33 @@ class DeviceRecord:
         return doc
 
 
+def check_approvals_in_background(
+    registry: DeviceRegistry, device_ids: list[str] | None = None, *, name: str = "approvals"
+) -> threading.Event:
+    """Run :meth:`DeviceRegistry.check_approvals` on a daemon thread; returns its stop event.
+
+    A service starts this when it starts: the committee's approvals of the
+    devices it will take are checked while the round waits for updates, not
+    in the path of the first update from each device. An update arriving
+    before its device was reached is checked as it always is.
+    """
+    stop = threading.Event()
+
+    def run() -> None:
+        started = time.monotonic()
+        approved = registry.check_approvals(device_ids, stop=stop)
+        if not stop.is_set():
+            _log.info(
+                "checked the committee's approvals of %d device(s) in %.1f s (%d approved)",
+                len(registry.active_ids()) if device_ids is None else len(device_ids),
+                time.monotonic() - started,
+                approved,
+            )
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return stop
+
+
 class DeviceRegistry:
     """The enrolled devices of a federation, persisted as a JSON file.
 
@@ -226,6 +257,11 @@ class DeviceRegistry:
         self._approvers: dict[str, bytes] = {}
         self._approvals_needed = 0
         self._approved: set[str] = set()
+        # The approval cache may be filled by another thread
+        # (:meth:`check_approvals`): a change of approvers or of a device's
+        # record bumps the generation, and a check begun before it is not kept.
+        self._approval_lock = threading.Lock()
+        self._approval_gen = 0
 
     @classmethod
     def load(cls, path: str | Path, *, create: bool = False) -> DeviceRegistry:
@@ -295,7 +331,7 @@ class DeviceRegistry:
         self._devices[device_id] = DeviceRecord(
             device_id=device_id, public_key=public_key, enrolled_ms=when
         )
-        self._approved.discard(device_id)
+        self._forget_approval(device_id)
 
     def require_approvals(self, approvers: dict[str, bytes], threshold: int) -> None:
         """Count a device only with ``threshold`` valid approvals from ``approvers``.
@@ -306,9 +342,11 @@ class DeviceRegistry:
         """
         if not 1 <= threshold <= len(approvers):
             raise ValueError(f"threshold must be in [1, {len(approvers)}], got {threshold}")
-        self._approvers = dict(approvers)
-        self._approvals_needed = threshold
-        self._approved = set()
+        with self._approval_lock:
+            self._approvers = dict(approvers)
+            self._approvals_needed = threshold
+            self._approved = set()
+            self._approval_gen += 1
 
     def approve(self, device_id: str, identity: DeviceIdentity) -> None:
         """Add ``identity``'s (a committee member's) approval of a device's enrollment.
@@ -322,7 +360,12 @@ class DeviceRegistry:
         self._devices[device_id] = dataclasses.replace(
             rec, approvals=(*others, (identity.device_id, signature))
         )
-        self._approved.discard(device_id)
+        self._forget_approval(device_id)
+
+    def _forget_approval(self, device_id: str) -> None:
+        with self._approval_lock:
+            self._approved.discard(device_id)
+            self._approval_gen += 1
 
     def approval_count(self, device_id: str, *, enough: int | None = None) -> int:
         """Valid approvals of a device's current key by the required approvers.
@@ -350,11 +393,42 @@ class DeviceRegistry:
     def _is_approved(self, device_id: str) -> bool:
         if not self._approvals_needed or device_id in self._approved:
             return True
-        needed = self._approvals_needed
-        if self.approval_count(device_id, enough=needed) >= needed:
-            self._approved.add(device_id)
-            return True
-        return False
+        needed, generation = self._approvals_needed, self._approval_gen
+        if self.approval_count(device_id, enough=needed) < needed:
+            return False
+        with self._approval_lock:
+            if generation == self._approval_gen:  # nothing changed while it was checked
+                self._approved.add(device_id)
+        return True
+
+    def check_approvals(
+        self, device_ids: list[str] | None = None, *, stop: threading.Event | None = None
+    ) -> int:
+        """Check (and remember) the committee's approvals of devices ahead of their updates.
+
+        Verifying a device's approvals costs ``T`` signature checks, paid
+        once per device and process; a service calls this from a background
+        thread when it starts, so the first round after a start does not
+        pay it update by update. Safe to run beside :meth:`verify` (a
+        change of approvers or records meanwhile discards what was checked
+        before it). Without required approvals there is nothing to check.
+
+        Args:
+            device_ids: the devices to check (default: every active one).
+            stop: checked between devices; set it to end early.
+
+        Returns:
+            How many of them are approved.
+        """
+        ids = self.active_ids() if device_ids is None else device_ids
+        approved = 0
+        for device_id in ids:
+            if stop is not None and stop.is_set():
+                break
+            rec = self._devices.get(device_id)
+            if rec is not None and rec.active and self._is_approved(device_id):
+                approved += 1
+        return approved
 
     def revoke(self, device_id: str, *, now_ms: int | None = None) -> None:
         """Revoke a device: its signatures stop verifying.

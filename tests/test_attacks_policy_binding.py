@@ -403,6 +403,49 @@ def test_equivocation_flood_through_the_service_logs_a_bounded_number(
     service.close()
 
 
+def test_service_checks_approvals_before_the_first_updates(
+    committee: InMemoryCommittee, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The started service checks every device's approvals off the intake path, once."""
+    import time
+
+    import edge_sdk.identity as identity
+    from aggregator.service import AggregatorService
+    from aggregator.store import AggregatorStore
+    from edge_sdk.transport import MemoryBroker
+
+    real = identity.verify_signature
+    calls: list[bytes] = []
+
+    def counting(key: bytes, data: bytes, signature: bytes) -> None:
+        calls.append(data)
+        real(key, data, signature)
+
+    monkeypatch.setattr(identity, "verify_signature", counting)
+    world = World(committee, tmp_path, start=False)
+    broker = MemoryBroker()
+    store = AggregatorStore(tmp_path / "agg.db", federation=FED)
+    service = AggregatorService(
+        world.machine, store, broker.transport("aggregator", manual_ack=True)
+    )
+    service.start()
+    devices = world.registry.active_ids()
+    deadline = time.monotonic() + 30
+    while len(calls) < 2 * len(devices) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)
+    assert len(calls) == 2 * len(devices)  # T = 2 approvals of each device, nothing else
+    device = broker.transport("dev1")
+    device.connect()
+    for topic, payload in update_messages(world.update("dev1")):
+        device.publish(topic, payload)
+    before = len(calls)
+    service.pump()
+    assert world.machine.count == 1
+    assert len(calls) == before + 1  # only the update's own signature
+    service.close()
+
+
 def test_round_outcome_names_both_members(committee: InMemoryCommittee, tmp_path: Path) -> None:
     world = World(committee, tmp_path)
     _honest_round_closes(world, ["dev0", "dev1", "dev2", "dev3"])
