@@ -370,9 +370,8 @@ def test_alert_flood_from_one_device_is_bounded(
     assert limiter.admit("equivocation", "dev1", 61_001) == "log"  # a new window
 
 
-def test_equivocation_flood_through_the_service_logs_a_bounded_number(
-    committee: InMemoryCommittee, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def _started_service(committee: InMemoryCommittee, tmp_path: Path) -> tuple[World, Any, Any]:
+    """A world's round machine in a started AggregatorService on an in-memory broker."""
     from aggregator.service import AggregatorService
     from aggregator.store import AggregatorStore
     from edge_sdk.transport import MemoryBroker
@@ -384,6 +383,13 @@ def test_equivocation_flood_through_the_service_logs_a_bounded_number(
         world.machine, store, broker.transport("aggregator", manual_ack=True)
     )
     service.start()
+    return world, broker, service
+
+
+def test_equivocation_flood_through_the_service_logs_a_bounded_number(
+    committee: InMemoryCommittee, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    world, broker, service = _started_service(committee, tmp_path)
     device = broker.transport("dev1")
     device.connect()
     first = world.update("dev1")
@@ -410,9 +416,6 @@ def test_service_checks_approvals_before_the_first_updates(
     import time
 
     import edge_sdk.identity as identity
-    from aggregator.service import AggregatorService
-    from aggregator.store import AggregatorStore
-    from edge_sdk.transport import MemoryBroker
 
     real = identity.verify_signature
     calls: list[bytes] = []
@@ -422,13 +425,7 @@ def test_service_checks_approvals_before_the_first_updates(
         real(key, data, signature)
 
     monkeypatch.setattr(identity, "verify_signature", counting)
-    world = World(committee, tmp_path, start=False)
-    broker = MemoryBroker()
-    store = AggregatorStore(tmp_path / "agg.db", federation=FED)
-    service = AggregatorService(
-        world.machine, store, broker.transport("aggregator", manual_ack=True)
-    )
-    service.start()
+    world, broker, service = _started_service(committee, tmp_path)
     devices = world.registry.active_ids()
     deadline = time.monotonic() + 30
     while len(calls) < 2 * len(devices) and time.monotonic() < deadline:
