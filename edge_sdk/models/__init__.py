@@ -7,6 +7,9 @@ decay, FedProx), ``evaluate`` and ``predict``. See docs/models.md.
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from edge_sdk.models.base import (
     MAX_PROX_MU,
     FloatArray,
@@ -18,15 +21,41 @@ from edge_sdk.models.base import (
     WeightSpec,
 )
 from edge_sdk.models.linear import LinearRegression, LogisticRegression, SoftmaxRegression
-from edge_sdk.models.onnx_autodiff import (
-    LOSSES,
-    SUPPORTED_OPERATORS,
-    UntrainableWeightError,
-    build_training_graph,
-    grad_output_name,
-)
-from edge_sdk.models.onnx_model import OnnxModel
-from edge_sdk.models.torch_export import export_torch
+
+if TYPE_CHECKING:
+    from edge_sdk.models.onnx_autodiff import (
+        LOSSES,
+        SUPPORTED_OPERATORS,
+        UntrainableWeightError,
+        build_training_graph,
+        grad_output_name,
+    )
+    from edge_sdk.models.onnx_model import OnnxModel
+    from edge_sdk.models.torch_export import export_torch
+
+# The ONNX parts import onnx (and, to run, onnxruntime): over a second and
+# tens of MB that a process using only the linear models or TrainConfig (the
+# aggregator, the committee members) should not pay. They load on first use.
+_LAZY = {
+    "LOSSES": "edge_sdk.models.onnx_autodiff",
+    "SUPPORTED_OPERATORS": "edge_sdk.models.onnx_autodiff",
+    "UntrainableWeightError": "edge_sdk.models.onnx_autodiff",
+    "build_training_graph": "edge_sdk.models.onnx_autodiff",
+    "grad_output_name": "edge_sdk.models.onnx_autodiff",
+    "OnnxModel": "edge_sdk.models.onnx_model",
+    "export_torch": "edge_sdk.models.torch_export",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import an ONNX part of the package on first use."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "LOSSES",
