@@ -8,9 +8,9 @@ whole round loop over MQTT. Heavy modules are imported on first use, so
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
+from edge_sdk._lazy import lazy_attribute
 from edge_sdk._version import __version__
 from edge_sdk.errors import EdgeFLError
 
@@ -50,7 +50,4 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'edge_sdk' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+    return lazy_attribute(__name__, _LAZY, name)

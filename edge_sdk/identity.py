@@ -219,14 +219,15 @@ def check_approvals_in_background(
     before its device was reached is checked as it always is.
     """
     stop = threading.Event()
+    ids = registry.active_ids() if device_ids is None else device_ids
 
     def run() -> None:
         started = time.monotonic()
-        approved = registry.check_approvals(device_ids, stop=stop)
+        approved = registry.check_approvals(ids, stop=stop)
         if not stop.is_set():
             _log.info(
                 "checked the committee's approvals of %d device(s) in %.1f s (%d approved)",
-                len(registry.active_ids()) if device_ids is None else len(device_ids),
+                len(ids),
                 time.monotonic() - started,
                 approved,
             )
@@ -420,14 +421,11 @@ class DeviceRegistry:
         Returns:
             How many of them are approved.
         """
-        ids = self.active_ids() if device_ids is None else device_ids
         approved = 0
-        for device_id in ids:
+        for device_id in self.active_ids() if device_ids is None else device_ids:
             if stop is not None and stop.is_set():
                 break
-            rec = self._devices.get(device_id)
-            if rec is not None and rec.active and self._is_approved(device_id):
-                approved += 1
+            approved += self.is_active(device_id)
         return approved
 
     def revoke(self, device_id: str, *, now_ms: int | None = None) -> None:

@@ -7,9 +7,9 @@ decay, FedProx), ``evaluate`` and ``predict``. See docs/models.md.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
 
+from edge_sdk._lazy import lazy_attribute
 from edge_sdk.models.base import (
     MAX_PROX_MU,
     FloatArray,
@@ -49,12 +49,7 @@ _LAZY = {
 
 def __getattr__(name: str) -> Any:
     """Import an ONNX part of the package on first use."""
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+    return lazy_attribute(__name__, _LAZY, name)
 
 
 __all__ = [
